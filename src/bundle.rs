@@ -1,0 +1,336 @@
+//! An OCI bundle: a directory holding `config.json` and the root filesystem it names.
+//!
+//! [`Bundle::load`] reads the configuration with oci-spec and checks it against what silo
+//! implements. Anything silo would otherwise silently ignore is refused by its JSON path, so
+//! a bundle never runs with less isolation than its author asked for.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
+
+/// Errors from reading or checking a bundle.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bundle {0}: not a directory")]
+    NotADirectory(PathBuf),
+    #[error("bundle {0}: config.json is missing")]
+    MissingConfig(PathBuf),
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    #[error("{path}: field {field} is required")]
+    Missing { path: PathBuf, field: &'static str },
+    #[error("{path}: field {field}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        reason: String,
+    },
+    #[error("{path}: field {field} is not supported by silo{hint}")]
+    Unsupported {
+        path: PathBuf,
+        field: String,
+        hint: &'static str,
+    },
+    #[error("{path}: root filesystem {rootfs} does not exist or is not a directory")]
+    MissingRootfs { path: PathBuf, rootfs: PathBuf },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// A bundle whose configuration silo has read and accepted.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    config_path: PathBuf,
+    rootfs: PathBuf,
+    spec: Spec,
+}
+
+impl Bundle {
+    /// Reads `DIR/config.json`, checks every field against what silo supports and resolves
+    /// the root filesystem (relative to the bundle directory, as the OCI spec says).
+    pub fn load(dir: impl AsRef<Path>) -> Result<Bundle> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Error::NotADirectory(dir.to_path_buf()));
+        }
+        let dir = dir
+            .canonicalize()
+            .map_err(|_| Error::NotADirectory(dir.to_path_buf()))?;
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::MissingConfig(dir));
+        }
+        let spec = Spec::load(&config_path).map_err(|source| Error::Parse {
+            path: config_path.clone(),
+            source,
+        })?;
+        check(&spec, &config_path)?;
+
+        let root = spec.root().as_ref().ok_or(Error::Missing {
+            path: config_path.clone(),
+            field: "root.path",
+        })?;
+        let rootfs = dir.join(root.path());
+        if !rootfs.is_dir() {
+            return Err(Error::MissingRootfs {
+                path: config_path,
+                rootfs,
+            });
+        }
+        Ok(Bundle {
+            dir,
+            config_path,
+            rootfs,
+            spec,
+        })
+    }
+
+    /// The bundle directory, absolute.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The path of `config.json`, for error messages.
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The root filesystem, absolute.
+    pub fn rootfs(&self) -> &Path {
+        &self.rootfs
+    }
+
+    pub fn spec(&self) -> &Spec {
+        &self.spec
+    }
+
+    /// Builds the error for a field whose value silo cannot use, naming this bundle's file.
+    pub(crate) fn invalid(&self, field: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::Invalid {
+            path: self.config_path.clone(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Refuses every field whose meaning silo does not implement.
+fn check(spec: &Spec, path: &Path) -> Result<()> {
+    let unsupported = |field: &str, hint: &'static str| {
+        Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            hint,
+        })
+    };
+    let process = spec.process().as_ref().ok_or(Error::Missing {
+        path: path.to_path_buf(),
+        field: "process",
+    })?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(Error::Missing {
+            path: path.to_path_buf(),
+            field: "process.args",
+        });
+    }
+    if process.terminal() == Some(true) {
+        return unsupported("process.terminal", " (run without a terminal)");
+    }
+    if process.apparmor_profile().is_some() {
+        return unsupported("process.apparmorProfile", "");
+    }
+    if process.selinux_label().is_some() {
+        return unsupported("process.selinuxLabel", "");
+    }
+    if process.io_priority().is_some() {
+        return unsupported("process.ioPriority", "");
+    }
+    if process.scheduler().is_some() {
+        return unsupported("process.scheduler", "");
+    }
+    if process.exec_cpu_affinity().is_some() {
+        return unsupported("process.execCPUAffinity", "");
+    }
+    if spec.domainname().is_some() {
+        return unsupported("domainname", "");
+    }
+    if spec.hooks().is_some() {
+        return unsupported("hooks", "");
+    }
+    for (i, mount) in spec.mounts().iter().flatten().enumerate() {
+        if mount.uid_mappings().is_some() || mount.gid_mappings().is_some() {
+            return unsupported(&format!("mounts[{i}].uidMappings"), " (no user namespaces)");
+        }
+        if !mount.destination().is_absolute() {
+            return Err(Error::Invalid {
+                path: path.to_path_buf(),
+                field: format!("mounts[{i}].destination"),
+                reason: format!("{} is not absolute", mount.destination().display()),
+            });
+        }
+    }
+
+    let Some(linux) = spec.linux() else {
+        return Ok(());
+    };
+    if linux.uid_mappings().is_some() || linux.gid_mappings().is_some() {
+        return unsupported("linux.uidMappings", " (no user namespaces)");
+    }
+    for (i, ns) in linux.namespaces().iter().flatten().enumerate() {
+        match ns.typ() {
+            LinuxNamespaceType::User => {
+                return unsupported(&format!("linux.namespaces[{i}] (user)"), "");
+            }
+            LinuxNamespaceType::Time => {
+                return unsupported(&format!("linux.namespaces[{i}] (time)"), "");
+            }
+            LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Cgroup
+                if ns.path().is_some() =>
+            {
+                return unsupported(
+                    &format!("linux.namespaces[{i}].path"),
+                    " (only network, ipc and uts namespaces can be joined)",
+                );
+            }
+            _ => {}
+        }
+    }
+    if linux.seccomp().is_some() {
+        return unsupported("linux.seccomp", " yet");
+    }
+    if linux.net_devices().is_some() {
+        return unsupported("linux.netDevices", "");
+    }
+    if linux.intel_rdt().is_some() {
+        return unsupported("linux.intelRdt", "");
+    }
+    if linux.personality().is_some() {
+        return unsupported("linux.personality", "");
+    }
+    if linux.memory_policy().is_some() {
+        return unsupported("linux.memoryPolicy", "");
+    }
+    if linux.time_offsets().is_some() {
+        return unsupported("linux.timeOffsets", "");
+    }
+    if linux.mount_label().is_some() {
+        return unsupported("linux.mountLabel", "");
+    }
+    if let Some(p) = linux.rootfs_propagation()
+        && p != "private"
+        && p != "rprivate"
+    {
+        return unsupported("linux.rootfsPropagation", " (only private)");
+    }
+    if let Some(res) = linux.resources() {
+        if res.block_io().is_some() {
+            return unsupported("linux.resources.blockIO", "");
+        }
+        if res.hugepage_limits().is_some() {
+            return unsupported("linux.resources.hugepageLimits", "");
+        }
+        if res.network().is_some() {
+            return unsupported("linux.resources.network", "");
+        }
+        if res.rdma().is_some() {
+            return unsupported("linux.resources.rdma", "");
+        }
+        if res.unified().is_some() {
+            return unsupported("linux.resources.unified", "");
+        }
+        if let Some(cpu) = res.cpu()
+            && (cpu.cpus().is_some()
+                || cpu.mems().is_some()
+                || cpu.realtime_runtime().is_some()
+                || cpu.realtime_period().is_some()
+                || cpu.idle().is_some()
+                || cpu.burst().is_some())
+        {
+            return unsupported(
+                "linux.resources.cpu",
+                " beyond shares, quota and period",
+            );
+        }
+        if let Some(mem) = res.memory()
+            && (mem.kernel().is_some()
+                || mem.kernel_tcp().is_some()
+                || mem.disable_oom_killer().is_some()
+                || mem.swappiness().is_some())
+        {
+            return unsupported(
+                "linux.resources.memory",
+                " beyond limit, reservation and swap",
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle_with(config: &str) -> (tempfile::TempDir, Result<Bundle>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        let bundle = Bundle::load(dir.path());
+        (dir, bundle)
+    }
+
+    const MINIMAL: &str = r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"},
+        "process":{"cwd":"/","args":["/bin/true"],"user":{"uid":0,"gid":0}}}"#;
+
+    #[test]
+    fn minimal_bundle_loads() {
+        let (_dir, bundle) = bundle_with(MINIMAL);
+        let bundle = bundle.unwrap();
+        assert!(bundle.rootfs().ends_with("rootfs"));
+    }
+
+    #[test]
+    fn bad_json_names_the_file() {
+        let (_dir, err) = bundle_with("{not json");
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("config.json"), "{msg}");
+    }
+
+    #[test]
+    fn missing_rootfs_is_named() {
+        let cfg = MINIMAL.replace("\"rootfs\"", "\"nowhere\"");
+        let (_dir, err) = bundle_with(&cfg);
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("nowhere"), "{msg}");
+    }
+
+    #[test]
+    fn unsupported_field_is_named() {
+        let cfg = MINIMAL.replace(
+            r#""root""#,
+            r#""linux":{"intelRdt":{"closID":"x"}},"root""#,
+        );
+        let (_dir, err) = bundle_with(&cfg);
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("linux.intelRdt"), "{msg}");
+    }
+
+    #[test]
+    fn empty_args_are_refused() {
+        let cfg = MINIMAL.replace(r#"["/bin/true"]"#, "[]");
+        let (_dir, err) = bundle_with(&cfg);
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("process.args"), "{msg}");
+    }
+
+    #[test]
+    fn missing_config_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let msg = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("config.json is missing"), "{msg}");
+    }
+}

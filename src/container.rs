@@ -1,0 +1,636 @@
+//! A container handle: start, signal, destroy, monitor, and its TCP ports.
+//!
+//! Lifecycle calls on one container are serialized by an async mutex, like an actor's
+//! mailbox; calls on different containers never wait for each other. The current state is
+//! published on a watch channel, so `running()` and `monitor()` never take that mutex and
+//! any number of callers can wait for an exit at once.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::{Mutex, watch};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::bundle::Bundle;
+use crate::cgroup::{self, Cgroup, Limits};
+pub use crate::monitor::{ExitStatus, Outcome};
+use crate::network::{self, Link};
+use crate::port::TcpPort;
+use crate::runtime::Shared;
+use crate::spawn::{self, Output, Plan, Process, Report};
+use crate::{Error, Result, logs, monitor};
+
+/// Where the container's standard output and error go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Stdio {
+    /// To its log file in the state directory, capped in size.
+    #[default]
+    Log,
+    /// To the caller's own stdout and stderr (for `silo run`).
+    Inherit,
+}
+
+/// A size of container, in the spirit of hosted container platforms' instance types.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Instance {
+    pub vcpu: f64,
+    pub memory_bytes: i64,
+}
+
+impl std::str::FromStr for Instance {
+    type Err = Error;
+
+    /// `lite`, `basic`, `standard-1` to `standard-4`, or `cpu=0.5,memory=512M`.
+    fn from_str(s: &str) -> Result<Instance> {
+        const MIB: i64 = 1 << 20;
+        const GIB: i64 = 1 << 30;
+        let named = match s {
+            "lite" => Some((1.0 / 16.0, 256 * MIB)),
+            "basic" => Some((0.25, GIB)),
+            "standard-1" => Some((0.5, 4 * GIB)),
+            "standard-2" => Some((1.0, 6 * GIB)),
+            "standard-3" => Some((2.0, 8 * GIB)),
+            "standard-4" => Some((4.0, 12 * GIB)),
+            _ => None,
+        };
+        if let Some((vcpu, memory_bytes)) = named {
+            return Ok(Instance { vcpu, memory_bytes });
+        }
+        let bad = || Error::InvalidInstance(s.to_string());
+        let (mut vcpu, mut memory) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cpu", v)) => vcpu = Some(v.parse::<f64>().map_err(|_| bad())?),
+                Some(("memory", v)) => memory = Some(parse_size(v).ok_or_else(bad)?),
+                _ => return Err(bad()),
+            }
+        }
+        match (vcpu, memory) {
+            (Some(vcpu), Some(memory_bytes)) if vcpu > 0.0 && memory_bytes > 0 => {
+                Ok(Instance { vcpu, memory_bytes })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// `512M`, `1G`, `1048576`: bytes with an optional binary suffix.
+fn parse_size(s: &str) -> Option<i64> {
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 1 << 10),
+        (i, 'M' | 'm') => (&s[..i], 1 << 20),
+        (i, 'G' | 'g') => (&s[..i], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<i64>().ok()?.checked_mul(mult)
+}
+
+/// What to start, and how.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The OCI bundle directory (holding config.json).
+    pub bundle: PathBuf,
+    /// Variables set over the bundle's `process.env`.
+    pub env: BTreeMap<String, String>,
+    /// Replaces the bundle's `process.args` when set.
+    pub entrypoint: Option<Vec<String>>,
+    /// Outbound internet access; off by default.
+    pub enable_internet: bool,
+    /// CPU and memory limits, over the bundle's own.
+    pub instance: Option<Instance>,
+    pub stdio: Stdio,
+}
+
+/// The state every observer sees, published on a watch channel.
+#[derive(Debug, Clone)]
+pub(crate) enum State {
+    NeverStarted,
+    Running { pid: u32 },
+    /// The init has exited; its cgroup and network are being torn down.
+    Stopping,
+    Exited(Arc<Outcome>),
+}
+
+/// One run of the container, from start until its teardown is done.
+struct Life {
+    pidfd: Arc<AsyncFd<OwnedFd>>,
+    address: IpAddr,
+    /// The first reason given to `destroy`.
+    reason: Arc<StdMutex<Option<String>>>,
+}
+
+pub(crate) struct Inner {
+    id: String,
+    shared: Arc<Shared>,
+    life: Mutex<Option<Life>>,
+    state: watch::Sender<State>,
+}
+
+/// A handle on one container. Clones share the container.
+#[derive(Clone)]
+pub struct Container {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Container {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Container({})", self.inner.id)
+    }
+}
+
+/// What a half-finished start has made, so that a failure can take it all back.
+#[derive(Default)]
+struct Made {
+    cgroup: Option<Cgroup>,
+    link: Option<Link>,
+    pidfd: Option<Arc<AsyncFd<OwnedFd>>>,
+    state_dir: Option<PathBuf>,
+}
+
+impl Made {
+    async fn undo(self) {
+        if let Some(pidfd) = &self.pidfd {
+            let _ = monitor::send_signal(pidfd.get_ref(), libc::SIGKILL);
+            if let Err(e) = monitor::wait(pidfd).await {
+                warn!(error = %e, "failed to reap a half-started init");
+            }
+        }
+        if let Some(link) = &self.link
+            && let Err(e) = network::detach(link).await
+        {
+            warn!(error = %e, "failed to remove the veth of a failed start");
+        }
+        if let Some(cgroup) = self.cgroup {
+            let removed = tokio::task::spawn_blocking(move || {
+                cgroup.kill_all()?;
+                cgroup.remove()
+            })
+            .await;
+            if let Ok(Err(e)) = removed {
+                warn!(error = %e, "failed to remove the cgroup of a failed start");
+            }
+        }
+        if let Some(dir) = self.state_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Container {
+    pub(crate) fn new(id: String, shared: Arc<Shared>) -> Container {
+        Container {
+            inner: Arc::new(Inner {
+                id,
+                shared,
+                life: Mutex::new(None),
+                state: watch::Sender::new(State::NeverStarted),
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// True from `start` until the init process has exited.
+    pub fn running(&self) -> bool {
+        matches!(*self.inner.state.borrow(), State::Running { .. })
+    }
+
+    /// The init's pid (in the caller's pid namespace) while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        match *self.inner.state.borrow() {
+            State::Running { pid } => Some(pid),
+            _ => None,
+        }
+    }
+
+    /// The container's log file (standard output and error), when it logs to one.
+    pub fn log_path(&self) -> PathBuf {
+        self.state_dir().join(logs::FILE)
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.inner.shared.config.state_dir.join(&self.inner.id)
+    }
+
+    /// Boots the container. Returns once its init process is spawned and released, without
+    /// waiting for it to be ready. Failures after that point (a missing entrypoint, say)
+    /// are reported by [`Container::monitor`].
+    pub async fn start(&self, opts: StartOptions) -> Result<()> {
+        let span = info_span!("start", container = %self.inner.id);
+        async {
+            let mut life = self.inner.life.lock().await;
+            if self.running() {
+                return Err(Error::AlreadyRunning(self.inner.id.clone()));
+            }
+            // A previous run may still be tearing down; its names must be free first.
+            self.wait_exited().await;
+
+            let mut made = Made::default();
+            match self.try_start(&opts, &mut made).await {
+                Ok(new_life) => {
+                    *life = Some(new_life);
+                    Ok(())
+                }
+                Err(e) => {
+                    warn!(error = %e, "start failed");
+                    made.undo().await;
+                    Err(e)
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn try_start(&self, opts: &StartOptions, made: &mut Made) -> Result<Life> {
+        let id = &self.inner.id;
+        let shared = &self.inner.shared;
+        if opts.enable_internet {
+            return Err(Error::Unsupported("enable_internet"));
+        }
+        let bundle = Bundle::load(&opts.bundle)?;
+        let process = process(&bundle, opts)?;
+        let plan = Plan::new(&bundle, &process)?;
+        let limits = limits(&bundle, opts.instance)?;
+
+        let cgroup_path = match bundle.spec().linux().as_ref().and_then(|l| l.cgroups_path().clone())
+        {
+            // The bundle's path is always taken below silo's parent, never from the root:
+            // silo manages only cgroups below the parent it owns.
+            Some(p) => format!("{}/{}", shared.config.cgroup_parent, p.display()),
+            None => format!("{}/{}", shared.config.cgroup_parent, id),
+        };
+        let cgroup_path = cgroup::normalize(&cgroup_path)?;
+        let cgroup = {
+            let limits = limits.clone();
+            let path = cgroup_path.clone();
+            tokio::task::spawn_blocking(move || Cgroup::create(&path, &limits))
+                .await
+                .expect("cgroup creation does not panic")?
+        };
+        let cgroup_dir = cgroup.dir_fd()?;
+        made.cgroup = Some(cgroup);
+
+        let state_dir = self.state_dir();
+        std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
+            id: id.clone(),
+            what: format!("create state directory {}", state_dir.display()),
+            source,
+        })?;
+        made.state_dir = Some(state_dir.clone());
+
+        let (output, log_reader) = match opts.stdio {
+            Stdio::Inherit => (Output::Inherit, None),
+            Stdio::Log => {
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
+                    Error::Io {
+                        id: id.clone(),
+                        what: "create the log pipe".into(),
+                        source: e.into(),
+                    }
+                })?;
+                (Output::Fd(w), Some(r))
+            }
+        };
+
+        let child = spawn::spawn(&plan, &output, cgroup_dir.as_ref().map(|d| d.as_fd()))?;
+        drop(output);
+        let pid = child.pid;
+        let pidfd = child.pidfd.try_clone().map_err(|source| Error::Io {
+            id: id.clone(),
+            what: "duplicate the pidfd".into(),
+            source,
+        })?;
+        // SAFETY: the AsyncFd owns this duplicate; nothing else closes or replaces it.
+        let pidfd = unsafe { AsyncFd::register(pidfd) }.map_err(|source| Error::Io {
+            id: id.clone(),
+            what: "watch the pidfd".into(),
+            source: source.into(),
+        })?;
+        let pidfd = Arc::new(pidfd);
+        made.pidfd = Some(pidfd.clone());
+        debug!(pid, "init cloned");
+
+        let cgroup = made.cgroup.as_ref().expect("set above");
+        if cgroup_dir.is_none() {
+            cgroup.add(pid)?;
+        }
+        let address = if plan.new_network() {
+            let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|source| {
+                Error::Io {
+                    id: id.clone(),
+                    what: "open the network namespace".into(),
+                    source,
+                }
+            })?;
+            let link = network::attach(&shared.config.address_pool, netns.as_fd()).await?;
+            let addr = IpAddr::V4(link.container_addr);
+            made.link = Some(link);
+            addr
+        } else {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        };
+
+        let log_task = log_reader.map(|r| {
+            tokio::spawn(logs::drain(r, state_dir.join(logs::FILE), shared.config.log_limit))
+        });
+        let (_, errors) = child.release()?;
+
+        let life = Life {
+            pidfd: pidfd.clone(),
+            address,
+            reason: Arc::new(StdMutex::new(None)),
+        };
+        let run = Run {
+            container: self.clone(),
+            pidfd,
+            errors,
+            plan,
+            cgroup: made.cgroup.take().expect("set above"),
+            link: made.link.take(),
+            reason: life.reason.clone(),
+            log_task,
+        };
+        *made = Made::default();
+        self.inner.state.send_replace(State::Running { pid });
+        info!(pid, %address, "container started");
+        tokio::spawn(run.supervise().instrument(info_span!(parent: None, "monitor", container = %id)));
+        Ok(life)
+    }
+
+    /// Delivers signal `sig` (1 to 64) to the init process, with kill(2) semantics.
+    pub async fn signal(&self, sig: i32) -> Result<()> {
+        if !(1..=64).contains(&sig) {
+            return Err(Error::InvalidSignal(sig));
+        }
+        let life = self.inner.life.lock().await;
+        let live = life.as_ref().filter(|_| self.running());
+        let Some(live) = live else {
+            return Err(Error::NotRunning(self.inner.id.clone()));
+        };
+        monitor::send_signal(live.pidfd.get_ref(), sig).map_err(|source| match source.raw_os_error()
+        {
+            Some(libc::ESRCH) => Error::NotRunning(self.inner.id.clone()),
+            _ => Error::Io {
+                id: self.inner.id.clone(),
+                what: format!("send signal {sig}"),
+                source,
+            },
+        })?;
+        debug!(container = %self.inner.id, sig, "signal sent");
+        Ok(())
+    }
+
+    /// Kills every process of the container, tears down its cgroup and network, and returns
+    /// once all of it is gone. Safe to call any number of times; the first reason given
+    /// becomes the error that [`Container::monitor`] reports.
+    pub async fn destroy(&self, reason: Option<String>) -> Result<()> {
+        let span = info_span!("destroy", container = %self.inner.id);
+        async {
+            let life = self.inner.life.lock().await;
+            if let Some(live) = life.as_ref()
+                && !matches!(*self.inner.state.borrow(), State::Exited(_))
+            {
+                {
+                    let mut r = live.reason.lock().expect("reason lock is never poisoned");
+                    if r.is_none() {
+                        *r = reason.or(Some(String::new()));
+                    }
+                }
+                if let Err(e) = monitor::send_signal(live.pidfd.get_ref(), libc::SIGKILL)
+                    && e.raw_os_error() != Some(libc::ESRCH)
+                {
+                    warn!(error = %e, "failed to kill init");
+                }
+                self.wait_exited().await;
+            }
+            drop(life);
+            match std::fs::remove_dir_all(self.state_dir()) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
+                    id: self.inner.id.clone(),
+                    what: "remove its state directory".into(),
+                    source: e,
+                }),
+                _ => Ok(()),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn wait_exited(&self) {
+        let mut rx = self.inner.state.subscribe();
+        let _ = rx
+            .wait_for(|s| !matches!(s, State::Running { .. } | State::Stopping))
+            .await;
+    }
+
+    /// Waits for the current (or last) run to end: Ok on exit 0 or destroy without a
+    /// reason, otherwise [`Error::Exit`] with the code, the destroy reason and whether it ran
+    /// out of memory.
+    pub async fn monitor(&self) -> Result<()> {
+        let mut rx = self.inner.state.subscribe();
+        let state = rx
+            .wait_for(|s| !matches!(s, State::Running { .. } | State::Stopping))
+            .await
+            .expect("the sender lives as long as the container")
+            .clone();
+        match state {
+            State::Exited(outcome) => Ok(outcome.result(&self.inner.id)?),
+            _ => Err(Error::NeverStarted(self.inner.id.clone())),
+        }
+    }
+
+    /// The outcome of the last run, once it has ended.
+    pub fn outcome(&self) -> Option<Arc<Outcome>> {
+        match &*self.inner.state.borrow() {
+            State::Exited(o) => Some(o.clone()),
+            _ => None,
+        }
+    }
+
+    /// A handle on TCP port `port` inside the container.
+    pub fn tcp_port(&self, port: u32) -> Result<TcpPort> {
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or(Error::InvalidPort(port))?;
+        Ok(TcpPort::new(self.clone(), port))
+    }
+
+    /// The address the container's ports answer on, while it runs.
+    pub(crate) async fn address(&self) -> Result<IpAddr> {
+        let life = self.inner.life.lock().await;
+        match life.as_ref() {
+            Some(live) if self.running() => Ok(live.address),
+            _ => Err(Error::NotRunning(self.inner.id.clone())),
+        }
+    }
+}
+
+/// The run of one init process, owned by its monitor task.
+struct Run {
+    container: Container,
+    pidfd: Arc<AsyncFd<OwnedFd>>,
+    errors: OwnedFd,
+    plan: Plan,
+    cgroup: Cgroup,
+    link: Option<Link>,
+    reason: Arc<StdMutex<Option<String>>>,
+    log_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Run {
+    /// Waits for the init to exit, tears the container down, then publishes the outcome.
+    async fn supervise(self) {
+        let inner = &self.container.inner;
+        let status = match monitor::wait(&self.pidfd).await {
+            Ok(status) => status,
+            Err(e) => {
+                // Only possible if someone else reaped our child; nothing to wait for.
+                warn!(error = %e, "failed to wait for init");
+                ExitStatus::Signal(libc::SIGKILL)
+            }
+        };
+        inner.state.send_replace(State::Stopping);
+        let boot_error = Report::read(self.errors.as_fd()).map(|r| self.plan.describe(&r));
+        let oom_killed = self.cgroup.oom_killed();
+
+        if let Some(link) = &self.link
+            && let Err(e) = network::detach(link).await
+        {
+            warn!(error = %e, "failed to remove veth");
+        }
+        let cgroup = self.cgroup;
+        let removed = tokio::task::spawn_blocking(move || {
+            cgroup.kill_all()?;
+            cgroup.remove()
+        })
+        .await
+        .expect("cgroup removal does not panic");
+        if let Err(e) = removed {
+            warn!(error = %e, "failed to remove cgroup");
+        }
+        if let Some(task) = self.log_task {
+            // Every writer is dead now, so the drain ends at the pipe's end of file.
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                warn!("log drain did not finish");
+            }
+        }
+
+        let reason = self.reason.lock().expect("reason lock is never poisoned").take();
+        let outcome = Outcome {
+            status,
+            oom_killed,
+            destroyed: reason.is_some(),
+            reason: reason.filter(|r| !r.is_empty()),
+            boot_error,
+        };
+        info!(
+            code = status.code(),
+            oom_killed,
+            destroyed = outcome.destroyed,
+            boot_error = outcome.boot_error.as_deref(),
+            "container exited"
+        );
+        inner.state.send_replace(State::Exited(Arc::new(outcome)));
+    }
+}
+
+/// The process to run: the bundle's, with the caller's entrypoint and environment over it.
+fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
+    let spec_process = bundle.spec().process().as_ref().expect("checked by Bundle::load");
+    for (name, value) in &opts.env {
+        let reason = if name.is_empty() {
+            Some("the name is empty")
+        } else if name.contains('=') {
+            Some("the name contains '='")
+        } else if name.contains('\0') {
+            Some("the name contains a NUL byte")
+        } else if value.contains('\0') {
+            Some("the value contains a NUL byte")
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(Error::InvalidEnv {
+                name: name.clone(),
+                reason,
+            });
+        }
+    }
+    let mut env: Vec<String> = spec_process.env().clone().unwrap_or_default();
+    for (name, value) in &opts.env {
+        let prefix = format!("{name}=");
+        match env.iter_mut().find(|kv| kv.starts_with(&prefix)) {
+            Some(kv) => *kv = format!("{name}={value}"),
+            None => env.push(format!("{name}={value}")),
+        }
+    }
+    let args = match &opts.entrypoint {
+        Some(args) if args.is_empty() || args[0].is_empty() => {
+            return Err(Error::EmptyEntrypoint);
+        }
+        Some(args) => args.clone(),
+        None => spec_process.args().clone().unwrap_or_default(),
+    };
+    Ok(Process { args, env })
+}
+
+/// The cgroup limits: the bundle's, with the instance type's cpu and memory over them.
+fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
+    const DEFAULT_PIDS: i64 = 4096;
+    const PERIOD_US: u64 = 100_000;
+    let res = bundle
+        .spec()
+        .linux()
+        .as_ref()
+        .and_then(|l| l.resources().clone())
+        .unwrap_or_default();
+    let mut limits = Limits {
+        pids: Some(DEFAULT_PIDS),
+        ..Limits::default()
+    };
+    if let Some(mem) = res.memory() {
+        limits.memory_bytes = mem.limit();
+        limits.memory_reservation_bytes = mem.reservation();
+        limits.memory_swap_bytes = mem.swap();
+    }
+    if let Some(cpu) = res.cpu() {
+        limits.cpu_quota_us = cpu.quota();
+        limits.cpu_period_us = cpu.period();
+        limits.cpu_shares = cpu.shares();
+    }
+    if let Some(pids) = res.pids() {
+        limits.pids = Some(pids.limit()).filter(|l| *l > 0);
+    }
+    if let Some(inst) = instance {
+        limits.memory_bytes = Some(inst.memory_bytes);
+        limits.cpu_period_us = Some(PERIOD_US);
+        limits.cpu_quota_us = Some((inst.vcpu * PERIOD_US as f64).round() as i64);
+    }
+    Ok(limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_types() {
+        let lite: Instance = "lite".parse().unwrap();
+        assert_eq!(lite.memory_bytes, 256 << 20);
+        assert_eq!(lite.vcpu, 1.0 / 16.0);
+        let custom: Instance = "cpu=0.5,memory=512M".parse().unwrap();
+        assert_eq!(custom.memory_bytes, 512 << 20);
+        assert!("huge".parse::<Instance>().is_err());
+        assert!("cpu=0,memory=1G".parse::<Instance>().is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! The `silo` command line.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use silo::{Runtime, RuntimeConfig, StartOptions, Stdio};
+use tokio::signal::unix::{SignalKind, signal};
+
+#[derive(Parser)]
+#[command(name = "silo", version, about = "A Linux-native container runtime")]
+struct Cli {
+    /// Where container state and logs live.
+    #[arg(long, global = true, default_value = "/run/silo", env = "SILO_STATE_DIR")]
+    state_dir: PathBuf,
+    /// The cgroup under which containers' cgroups are made.
+    #[arg(long, global = true, default_value = "/silo", env = "SILO_CGROUP_PARENT")]
+    cgroup_parent: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a container in the foreground and exit with its exit code (128+n after signal
+    /// n). SIGINT and SIGTERM are forwarded to it.
+    Run {
+        /// Container id (default: run-PID).
+        #[arg(long)]
+        id: Option<String>,
+        /// Set an environment variable, over the bundle's.
+        #[arg(long = "env", short = 'e', value_name = "K=V")]
+        env: Vec<String>,
+        /// lite, basic, standard-1..4, or cpu=N,memory=SIZE.
+        #[arg(long)]
+        instance: Option<String>,
+        /// The OCI bundle directory.
+        bundle: PathBuf,
+        /// Replaces the bundle's process.args.
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SILO_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Runtime::new().expect("a tokio runtime starts");
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("silo: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let runtime = Runtime::new(RuntimeConfig {
+        state_dir: cli.state_dir,
+        cgroup_parent: cli.cgroup_parent,
+        ..RuntimeConfig::default()
+    })?;
+    match cli.command {
+        Command::Run {
+            id,
+            env,
+            instance,
+            bundle,
+            args,
+        } => {
+            let id = id.unwrap_or_else(|| format!("run-{}", std::process::id()));
+            let mut vars = BTreeMap::new();
+            for kv in env {
+                let Some((k, v)) = kv.split_once('=') else {
+                    bail!("--env {kv:?}: expected NAME=VALUE");
+                };
+                vars.insert(k.to_string(), v.to_string());
+            }
+            let opts = StartOptions {
+                bundle,
+                env: vars,
+                entrypoint: (!args.is_empty()).then_some(args),
+                instance: instance.map(|i| i.parse()).transpose()?,
+                stdio: Stdio::Inherit,
+                ..StartOptions::default()
+            };
+            let container = runtime.container(&id)?;
+            container.start(opts).await?;
+
+            let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
+            let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
+            let result = loop {
+                tokio::select! {
+                    r = container.monitor() => break r,
+                    _ = term.recv() => container.signal(libc::SIGTERM).await.ok(),
+                    _ = int.recv() => container.signal(libc::SIGINT).await.ok(),
+                };
+            };
+            let outcome = container.outcome();
+            container.destroy(None).await?;
+            match result {
+                Ok(()) => Ok(0),
+                Err(silo::Error::Exit(exit)) if exit.boot_error.is_some() => {
+                    eprintln!("silo: {exit}");
+                    Ok(127)
+                }
+                Err(silo::Error::Exit(exit)) => Ok(exit.code.clamp(0, 255) as u8),
+                Err(e) => Err(e.into()),
+            }
+            .map(|code| {
+                tracing::debug!(?outcome, code, "run finished");
+                code
+            })
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Waiting for a container's init to exit, and what its exit means.
+//!
+//! The wait is driven by the init's pidfd, which the kernel makes readable when the process
+//! exits; `waitid(P_PIDFD)` then reaps it. Nothing polls, and a pid reused by an unrelated
+//! process can never be confused with the container's.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use tokio::io::unix::AsyncFd;
+
+/// How the init process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum ExitStatus {
+    /// It called exit with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell's convention: the exit code, or 128 + n after signal n.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Everything known about one finished run of a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub status: ExitStatus,
+    /// The kernel's OOM killer killed a process of the container.
+    pub oom_killed: bool,
+    /// The container was destroyed rather than exiting by itself.
+    pub destroyed: bool,
+    /// The reason given to `destroy`, if any.
+    pub reason: Option<String>,
+    /// What went wrong between spawn and exec, if anything did (say, a missing
+    /// entrypoint).
+    pub boot_error: Option<String>,
+}
+
+impl Outcome {
+    /// Ok when it exited with 0 or was destroyed without a reason; otherwise the error that
+    /// `monitor` reports.
+    pub fn result(&self, id: &str) -> Result<(), Exit> {
+        let clean = self.boot_error.is_none()
+            && self.reason.is_none()
+            && (self.destroyed || self.status == ExitStatus::Code(0));
+        if clean {
+            return Ok(());
+        }
+        Err(Exit {
+            id: id.to_string(),
+            code: self.status.code(),
+            signal: match self.status {
+                ExitStatus::Signal(s) => Some(s),
+                ExitStatus::Code(_) => None,
+            },
+            oom_killed: self.oom_killed,
+            reason: self.reason.clone(),
+            boot_error: self.boot_error.clone(),
+        })
+    }
+}
+
+/// A container run that did not end well: the error `monitor` reports.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Exit {
+    pub id: String,
+    /// Exit code, 128 + n after signal n.
+    pub code: i32,
+    pub signal: Option<i32>,
+    pub oom_killed: bool,
+    /// The reason given to `destroy`.
+    pub reason: Option<String>,
+    /// Why the entrypoint never ran.
+    pub boot_error: Option<String>,
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = &self.id;
+        if let Some(reason) = &self.reason {
+            return write!(f, "container {id} was destroyed: {reason}");
+        }
+        if let Some(err) = &self.boot_error {
+            return write!(f, "container {id} failed to start: {err}");
+        }
+        if self.oom_killed {
+            return write!(
+                f,
+                "container {id} ran out of memory and was killed (exit code {})",
+                self.code
+            );
+        }
+        match self.signal {
+            Some(s) => write!(
+                f,
+                "container {id} was killed by signal {s} (exit code {})",
+                self.code
+            ),
+            None => write!(f, "container {id} exited with code {}", self.code),
+        }
+    }
+}
+
+/// Waits until the process behind `pidfd` exits, and reaps it. The process must be a child
+/// of this one.
+pub async fn wait(pidfd: &AsyncFd<OwnedFd>) -> io::Result<ExitStatus> {
+    loop {
+        let mut guard = pidfd.readable().await?;
+        if let Some(status) = try_reap(pidfd.get_ref())? {
+            return Ok(status);
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Reaps the process if it has exited.
+pub fn try_reap(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
+    // SAFETY: siginfo_t is plain data; zero is a valid value and waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on a pidfd we own, writing into `info`.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            pidfd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` for a child-state change (or left it zeroed).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if pid == 0 {
+        return Ok(None);
+    }
+    Ok(Some(match info.si_code {
+        libc::CLD_EXITED => ExitStatus::Code(status),
+        _ => ExitStatus::Signal(status),
+    }))
+}
+
+/// Sends signal `sig` to the process behind `pidfd`, with kill(2) semantics.
+pub fn send_signal(pidfd: &OwnedFd, sig: i32) -> io::Result<()> {
+    // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(status: ExitStatus) -> Outcome {
+        Outcome {
+            status,
+            oom_killed: false,
+            destroyed: false,
+            reason: None,
+            boot_error: None,
+        }
+    }
+
+    #[test]
+    fn exit_codes_map_like_a_shell() {
+        assert_eq!(ExitStatus::Code(3).code(), 3);
+        assert_eq!(ExitStatus::Signal(15).code(), 143);
+        assert_eq!(ExitStatus::Signal(9).code(), 137);
+    }
+
+    #[test]
+    fn destroy_without_reason_is_success() {
+        let mut o = outcome(ExitStatus::Signal(9));
+        o.destroyed = true;
+        assert!(o.result("a").is_ok());
+        o.reason = Some("maintenance".into());
+        let err = o.result("a").unwrap_err();
+        assert_eq!(err.to_string(), "container a was destroyed: maintenance");
+        assert_eq!(err.code, 137);
+    }
+
+    #[test]
+    fn nonzero_exit_is_an_error() {
+        assert!(outcome(ExitStatus::Code(0)).result("a").is_ok());
+        let err = outcome(ExitStatus::Code(3)).result("a").unwrap_err();
+        assert_eq!(err.to_string(), "container a exited with code 3");
+    }
+}

@@ -1,0 +1,109 @@
+//! The runtime: configuration shared by all containers, and the registry of them by id.
+
+use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::network::AddressPool;
+use crate::{Container, Error, Result};
+
+/// How a [`Runtime`] is set up.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Per-container state and logs live below it (mode 0700).
+    pub state_dir: PathBuf,
+    /// The cgroup below which every container's cgroup is made. silo creates it when
+    /// missing and never creates, writes or removes cgroups outside it.
+    pub cgroup_parent: String,
+    /// Where containers' veth addresses come from.
+    pub address_pool: AddressPool,
+    /// The size at which a container's log file is rotated (at most twice this is kept).
+    pub log_limit: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            state_dir: PathBuf::from("/run/silo"),
+            cgroup_parent: "/silo".into(),
+            address_pool: AddressPool::default(),
+            log_limit: 8 << 20,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: RuntimeConfig,
+}
+
+/// Hands out [`Container`] handles by id; the same id always gives the same container.
+pub struct Runtime {
+    shared: Arc<Shared>,
+    containers: Mutex<HashMap<String, Container>>,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime> {
+        crate::cgroup::normalize(&config.cgroup_parent)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.state_dir)
+            .map_err(|source| Error::Io {
+                id: String::new(),
+                what: format!("create state directory {}", config.state_dir.display()),
+                source,
+            })?;
+        Ok(Runtime {
+            shared: Arc::new(Shared { config }),
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.shared.config
+    }
+
+    /// The container with this id, made on first use.
+    pub fn container(&self, id: &str) -> Result<Container> {
+        if !valid_id(id) {
+            return Err(Error::InvalidId(id.to_string()));
+        }
+        let mut map = self.containers.lock().expect("registry lock is never poisoned");
+        Ok(map
+            .entry(id.to_string())
+            .or_insert_with(|| Container::new(id.to_string(), self.shared.clone()))
+            .clone())
+    }
+
+    /// Every container handed out so far.
+    pub fn containers(&self) -> Vec<Container> {
+        let map = self.containers.lock().expect("registry lock is never poisoned");
+        map.values().cloned().collect()
+    }
+}
+
+/// Ids become file and cgroup names: 1 to 64 of `[A-Za-z0-9_.-]`, starting alphanumeric.
+fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    id.len() <= 64
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(valid_id("web-1"));
+        assert!(valid_id("a.b_c"));
+        assert!(!valid_id(""));
+        assert!(!valid_id("-x"));
+        assert!(!valid_id("../x"));
+        assert!(!valid_id("a/b"));
+        assert!(!valid_id(&"x".repeat(65)));
+    }
+}

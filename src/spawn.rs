@@ -1,0 +1,1462 @@
+//! Spawning a container's init process.
+//!
+//! The runtime is a multi-threaded tokio process. After `clone3` only the calling thread
+//! exists in the child, and any lock another thread held (the allocator's, stdout's, a
+//! tracing subscriber's) stays locked there forever. Two designs avoid that: re-exec a
+//! single-threaded helper binary that does the setup, or do the setup in the cloned child
+//! using nothing but raw syscalls on data prepared beforehand. silo does the latter: it
+//! keeps start latency to one clone and one exec, and it does not need a helper binary next
+//! to every program that embeds the library. The price is discipline in [`child`]: no
+//! allocation, no panics, no std I/O, only `libc` calls on the [`Plan`] built in the parent.
+//!
+//! The child blocks on a pipe until [`Child::release`] so that the parent can place it in
+//! its cgroup and wire its network first. Whatever fails in the child is written to an error
+//! pipe as a fixed-size [`Report`] and the child exits with 127; the pipe is close-on-exec,
+//! so a successful exec leaves it empty.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use oci_spec::runtime::{LinuxNamespaceType, Mount};
+
+use crate::bundle::{self, Bundle};
+
+/// Errors from preparing or cloning the init process.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Bundle(#[from] bundle::Error),
+    #[error("{what}: {value:?} contains a NUL byte")]
+    Nul { what: &'static str, value: String },
+    #[error("failed to {what}: {source}")]
+    Os {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Os { what, source }
+}
+
+fn cstring(what: &'static str, value: impl AsRef<OsStr>) -> Result<CString> {
+    let bytes = value.as_ref().as_bytes();
+    CString::new(bytes).map_err(|_| Error::Nul {
+        what,
+        value: String::from_utf8_lossy(bytes).into_owned(),
+    })
+}
+
+/// Where the container's standard output and error go.
+#[derive(Debug)]
+pub enum Output {
+    /// The same descriptors as the calling process.
+    Inherit,
+    /// One descriptor for both (the write end of the log pipe).
+    Fd(OwnedFd),
+}
+
+/// The process to run, after the caller's overrides were applied to the bundle's.
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+}
+
+/// The capability sets, as bitmasks over capability numbers.
+#[derive(Debug, Clone, Copy, Default)]
+struct Caps {
+    bounding: u64,
+    effective: u64,
+    permitted: u64,
+    inheritable: u64,
+    ambient: u64,
+}
+
+/// The capabilities a container gets when its bundle names none: the set Docker and
+/// Podman grant by default.
+const DEFAULT_CAPS: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_MKNOD,
+    caps::Capability::CAP_NET_RAW,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETFCAP,
+    caps::Capability::CAP_SETPCAP,
+    caps::Capability::CAP_NET_BIND_SERVICE,
+    caps::Capability::CAP_SYS_CHROOT,
+    caps::Capability::CAP_KILL,
+    caps::Capability::CAP_AUDIT_WRITE,
+];
+
+/// One mount, resolved to what the child passes to mount(2).
+#[derive(Debug)]
+struct MountOp {
+    /// Destination inside the container, absolute, for error messages.
+    dest: PathBuf,
+    /// Destination relative to the root filesystem, for openat2.
+    rel: CString,
+    /// Each missing ancestor is made with mkdirat(parent, name): (parent, name) pairs from the
+    /// top, parents relative to the root filesystem ("" for the root itself).
+    parents: Vec<(CString, CString)>,
+    /// Bind mounts of files need a file to mount onto.
+    file_target: bool,
+    source: Option<CString>,
+    fstype: Option<CString>,
+    flags: libc::c_ulong,
+    data: Option<CString>,
+    /// Bind mounts ignore most flags on the first call; these are applied by a remount.
+    remount_flags: Option<libc::c_ulong>,
+    propagation: libc::c_ulong,
+    /// A tmpfs on /dev gets the standard device nodes.
+    is_dev: bool,
+}
+
+/// A device node made in the container's /dev.
+#[derive(Debug)]
+struct Device {
+    path: CString,
+    mode: libc::mode_t,
+    dev: libc::dev_t,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+}
+
+/// Everything the child needs, prepared before the clone so that the child allocates
+/// nothing.
+#[derive(Debug)]
+pub struct Plan {
+    rootfs: CString,
+    readonly_root: bool,
+    hostname: Option<CString>,
+    mounts: Vec<MountOp>,
+    devices: Vec<Device>,
+    dev_links: Vec<(CString, CString)>,
+    masked: Vec<CString>,
+    readonly: Vec<CString>,
+    sysctls: Vec<(CString, CString)>,
+    rlimits: Vec<(libc::c_int, libc::rlimit)>,
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+    umask: libc::mode_t,
+    cwd: CString,
+    caps: Caps,
+    last_cap: u8,
+    no_new_privs: bool,
+    /// Paths to try, in order, for the entrypoint (PATH search happens here, not in libc).
+    exec_candidates: Vec<CString>,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+    clone_flags: u64,
+    unshare_cgroup: bool,
+    /// Namespaces joined by path: (fd, CLONE_NEW* type).
+    joins: Vec<(OwnedFd, libc::c_int)>,
+    /// What the descriptions of steps in error reports need.
+    arg0: String,
+    path_var: String,
+}
+
+impl Plan {
+    /// Prepares the spawn of `process` from `bundle`.
+    pub fn new(bundle: &Bundle, process: &Process) -> Result<Plan> {
+        let spec = bundle.spec();
+        let proc_spec = spec.process().as_ref().expect("bundle::check requires process");
+        let linux = spec.linux().clone().unwrap_or_default();
+
+        let mut clone_flags = 0u64;
+        let mut unshare_cgroup = false;
+        let mut joins = Vec::new();
+        let mut has_mount_ns = false;
+        let mut has_uts_ns = false;
+        for (i, ns) in linux.namespaces().iter().flatten().enumerate() {
+            let flag = ns.typ() as libc::c_int;
+            if let Some(path) = ns.path() {
+                let file = std::fs::File::open(path).map_err(|_| {
+                    bundle.invalid(
+                        format!("linux.namespaces[{i}].path"),
+                        format!("cannot open {}", path.display()),
+                    )
+                })?;
+                joins.push((OwnedFd::from(file), flag));
+                has_uts_ns |= ns.typ() == LinuxNamespaceType::Uts;
+                continue;
+            }
+            match ns.typ() {
+                LinuxNamespaceType::Cgroup => unshare_cgroup = true,
+                LinuxNamespaceType::Mount => {
+                    has_mount_ns = true;
+                    clone_flags |= flag as u64;
+                }
+                LinuxNamespaceType::Uts => {
+                    has_uts_ns = true;
+                    clone_flags |= flag as u64;
+                }
+                _ => clone_flags |= flag as u64,
+            }
+        }
+        if !has_mount_ns {
+            return Err(bundle
+                .invalid("linux.namespaces", "a mount namespace is required")
+                .into());
+        }
+        let hostname = match spec.hostname() {
+            Some(h) if !h.is_empty() => {
+                if !has_uts_ns {
+                    return Err(bundle
+                        .invalid("hostname", "setting it requires a uts namespace")
+                        .into());
+                }
+                Some(cstring("hostname", h)?)
+            }
+            _ => None,
+        };
+
+        let rootfs = bundle.rootfs();
+        let mounts = mount_ops(bundle, spec.mounts().as_deref().unwrap_or(&[]))?;
+        let has_dev_tmpfs = mounts.iter().any(|m| m.is_dev);
+        let devices = if has_dev_tmpfs { devices(bundle)? } else { Vec::new() };
+        let dev_links = if has_dev_tmpfs {
+            [
+                ("/proc/self/fd", "dev/fd"),
+                ("/proc/self/fd/0", "dev/stdin"),
+                ("/proc/self/fd/1", "dev/stdout"),
+                ("/proc/self/fd/2", "dev/stderr"),
+                ("pts/ptmx", "dev/ptmx"),
+            ]
+            .iter()
+            .map(|(target, link)| Ok((cstring("link", target)?, cstring("link", link)?)))
+            .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+
+        let masked = linux
+            .masked_paths()
+            .iter()
+            .flatten()
+            .map(|p| cstring("linux.maskedPaths", p))
+            .collect::<Result<_>>()?;
+        let readonly = linux
+            .readonly_paths()
+            .iter()
+            .flatten()
+            .map(|p| cstring("linux.readonlyPaths", p))
+            .collect::<Result<_>>()?;
+        let mut sysctls = Vec::new();
+        for (key, value) in linux.sysctl().iter().flatten() {
+            if !is_namespaced_sysctl(key) {
+                return Err(bundle
+                    .invalid(format!("linux.sysctl.{key}"), "not a namespaced sysctl")
+                    .into());
+            }
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            sysctls.push((cstring("linux.sysctl", path)?, cstring("linux.sysctl", value)?));
+        }
+
+        let mut rlimits = Vec::new();
+        for (i, rl) in proc_spec.rlimits().iter().flatten().enumerate() {
+            let resource = rl.typ() as libc::c_int;
+            let field = format!("process.rlimits[{i}] ({})", rl.typ());
+            if rl.soft() > rl.hard() {
+                return Err(bundle.invalid(field, "soft limit above hard limit").into());
+            }
+            let host = nix::sys::resource::getrlimit(rlimit_resource(resource))
+                .map_err(|e| os(format!("read the host's {}", rl.typ()))(e.into()))?;
+            if rl.hard() > host.1 {
+                return Err(bundle
+                    .invalid(
+                        field,
+                        format!(
+                            "hard limit {} exceeds the host's hard limit {}",
+                            rl.hard(),
+                            host.1
+                        ),
+                    )
+                    .into());
+            }
+            rlimits.push((
+                resource,
+                libc::rlimit {
+                    rlim_cur: rl.soft(),
+                    rlim_max: rl.hard(),
+                },
+            ));
+        }
+
+        let user = proc_spec.user();
+        let mut groups: Vec<libc::gid_t> = user.additional_gids().clone().unwrap_or_default();
+        if groups.is_empty() {
+            groups.push(user.gid());
+        }
+        let caps = capabilities(bundle)?;
+        let last_cap = caps::runtime::thread_all_supported()
+            .iter()
+            .map(|c| c.index())
+            .max()
+            .unwrap_or(40);
+
+        let cwd = proc_spec.cwd();
+        if !cwd.is_absolute() {
+            return Err(bundle
+                .invalid("process.cwd", format!("{} is not absolute", cwd.display()))
+                .into());
+        }
+
+        let arg0 = process.args.first().cloned().unwrap_or_default();
+        let path_var = process
+            .env
+            .iter()
+            .find_map(|kv| kv.strip_prefix("PATH="))
+            .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .to_string();
+        let exec_candidates = if arg0.contains('/') {
+            vec![cstring("process.args[0]", &arg0)?]
+        } else {
+            path_var
+                .split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| cstring("PATH", format!("{}/{arg0}", d.trim_end_matches('/'))))
+                .collect::<Result<_>>()?
+        };
+
+        Ok(Plan {
+            rootfs: cstring("root.path", rootfs)?,
+            readonly_root: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
+            hostname,
+            mounts,
+            devices,
+            dev_links,
+            masked,
+            readonly,
+            sysctls,
+            rlimits,
+            uid: user.uid(),
+            gid: user.gid(),
+            groups,
+            umask: user.umask().unwrap_or(0o022) as libc::mode_t,
+            cwd: cstring("process.cwd", cwd)?,
+            caps,
+            last_cap,
+            no_new_privs: proc_spec.no_new_privileges().unwrap_or(false),
+            exec_candidates,
+            argv: process
+                .args
+                .iter()
+                .map(|a| cstring("process.args", a))
+                .collect::<Result<_>>()?,
+            envp: process
+                .env
+                .iter()
+                .map(|e| cstring("process.env", e))
+                .collect::<Result<_>>()?,
+            clone_flags,
+            unshare_cgroup,
+            joins,
+            arg0,
+            path_var,
+        })
+    }
+
+    /// Whether the container gets a network namespace of its own (and so a veth pair).
+    pub fn new_network(&self) -> bool {
+        self.clone_flags & libc::CLONE_NEWNET as u64 != 0
+    }
+
+    /// Whether the container has a pid namespace of its own, so that killing its init kills
+    /// all of it.
+    pub fn new_pid_ns(&self) -> bool {
+        self.clone_flags & libc::CLONE_NEWPID as u64 != 0
+    }
+
+    /// Says in words which step a [`Report`] from the child is about.
+    pub fn describe(&self, report: &Report) -> String {
+        let err = std::io::Error::from_raw_os_error(report.errno);
+        let idx = report.index as usize;
+        let mount = |i: usize| {
+            self.mounts
+                .get(i)
+                .map(|m| m.dest.display().to_string())
+                .unwrap_or_default()
+        };
+        let lossy = |v: Option<&CString>| {
+            v.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+        };
+        match Step::from(report.step) {
+            Step::Exec if self.arg0.contains('/') => format!("exec {}: {err}", self.arg0),
+            Step::Exec => format!(
+                "exec {}: not found or not executable in PATH {} ({err})",
+                self.arg0, self.path_var
+            ),
+            Step::Mount => format!("mount {}: {err}", mount(idx)),
+            Step::MountTarget => format!("create mount point {}: {err}", mount(idx)),
+            Step::Device => format!(
+                "create device {}: {err}",
+                lossy(self.devices.get(idx).map(|d| &d.path))
+            ),
+            Step::Mask => format!("mask {}: {err}", lossy(self.masked.get(idx))),
+            Step::ReadOnly => format!("make {} read-only: {err}", lossy(self.readonly.get(idx))),
+            Step::Sysctl => format!(
+                "set sysctl {}: {err}",
+                lossy(self.sysctls.get(idx).map(|s| &s.0))
+            ),
+            Step::Rlimit => format!("set rlimit {}: {err}", idx),
+            Step::Chdir => format!("change to working directory {}: {err}", lossy(Some(&self.cwd))),
+            Step::PivotRoot => format!(
+                "pivot_root into {}: {err}",
+                lossy(Some(&self.rootfs))
+            ),
+            step => format!("{step:?}: {err}"),
+        }
+    }
+}
+
+/// The sysctls that are scoped to a namespace the container owns, as runc allows them.
+fn is_namespaced_sysctl(key: &str) -> bool {
+    matches!(
+        key,
+        "kernel.msgmax" | "kernel.msgmnb" | "kernel.msgmni" | "kernel.sem" | "kernel.shmall"
+            | "kernel.shmmax" | "kernel.shmmni" | "kernel.shm_rmid_forced"
+    ) || key.starts_with("fs.mqueue.")
+        || key.starts_with("net.")
+}
+
+fn rlimit_resource(resource: libc::c_int) -> nix::sys::resource::Resource {
+    use nix::sys::resource::Resource;
+    // Resource is a C-like enum over the same RLIMIT_* numbers.
+    [
+        Resource::RLIMIT_AS,
+        Resource::RLIMIT_CORE,
+        Resource::RLIMIT_CPU,
+        Resource::RLIMIT_DATA,
+        Resource::RLIMIT_FSIZE,
+        Resource::RLIMIT_LOCKS,
+        Resource::RLIMIT_MEMLOCK,
+        Resource::RLIMIT_MSGQUEUE,
+        Resource::RLIMIT_NICE,
+        Resource::RLIMIT_NOFILE,
+        Resource::RLIMIT_NPROC,
+        Resource::RLIMIT_RSS,
+        Resource::RLIMIT_RTPRIO,
+        Resource::RLIMIT_RTTIME,
+        Resource::RLIMIT_SIGPENDING,
+        Resource::RLIMIT_STACK,
+    ]
+    .into_iter()
+    .find(|r| *r as libc::c_int == resource)
+    .unwrap_or(Resource::RLIMIT_NOFILE)
+}
+
+fn capabilities(bundle: &Bundle) -> Result<Caps> {
+    let spec_caps = bundle
+        .spec()
+        .process()
+        .as_ref()
+        .and_then(|p| p.capabilities().clone());
+    let Some(spec_caps) = spec_caps else {
+        let mask = DEFAULT_CAPS.iter().fold(0, |m, c| m | c.bitmask());
+        return Ok(Caps {
+            bounding: mask,
+            effective: mask,
+            permitted: mask,
+            ..Caps::default()
+        });
+    };
+    let to_mask = |field: &str, set: &Option<oci_spec::runtime::Capabilities>| -> Result<u64> {
+        let mut mask = 0;
+        for cap in set.iter().flatten() {
+            let name = cap.to_string();
+            let name = if name.starts_with("CAP_") {
+                name
+            } else {
+                format!("CAP_{name}")
+            };
+            let parsed: caps::Capability = name.parse().map_err(|_| {
+                bundle.invalid(
+                    format!("process.capabilities.{field}"),
+                    format!("unknown capability {name}"),
+                )
+            })?;
+            mask |= parsed.bitmask();
+        }
+        Ok(mask)
+    };
+    Ok(Caps {
+        bounding: to_mask("bounding", spec_caps.bounding())?,
+        effective: to_mask("effective", spec_caps.effective())?,
+        permitted: to_mask("permitted", spec_caps.permitted())?,
+        inheritable: to_mask("inheritable", spec_caps.inheritable())?,
+        ambient: to_mask("ambient", spec_caps.ambient())?,
+    })
+}
+
+/// The standard mounts every container gets unless its bundle mounts something at the same
+/// destination.
+fn default_mounts() -> Vec<Mount> {
+    let json = r#"[
+      {"destination":"/proc","type":"proc","source":"proc",
+       "options":["nosuid","noexec","nodev"]},
+      {"destination":"/dev","type":"tmpfs","source":"tmpfs",
+       "options":["nosuid","strictatime","mode=755","size=65536k"]},
+      {"destination":"/dev/pts","type":"devpts","source":"devpts",
+       "options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620"]},
+      {"destination":"/dev/shm","type":"tmpfs","source":"shm",
+       "options":["nosuid","noexec","nodev","mode=1777","size=65536k"]},
+      {"destination":"/sys","type":"sysfs","source":"sysfs",
+       "options":["nosuid","noexec","nodev","ro"]}
+    ]"#;
+    serde_json::from_str(json).expect("the default mounts are valid JSON")
+}
+
+fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
+    let mut all: Vec<Mount> = Vec::new();
+    for m in default_mounts() {
+        if !spec_mounts.iter().any(|s| s.destination() == m.destination()) {
+            all.push(m);
+        }
+    }
+    // The defaults go first so that bundle mounts below /dev or /proc land on top of them.
+    all.extend(spec_mounts.iter().cloned());
+
+    let layout = crate::cgroup::Layout::detect();
+    let mut ops = Vec::with_capacity(all.len());
+    for (i, m) in all.iter().enumerate() {
+        let field = format!("mounts[{i}]");
+        let dest = m.destination().clone();
+        let rel = relative(&dest).ok_or_else(|| {
+            bundle.invalid(
+                format!("{field}.destination"),
+                format!("{} climbs out of the root filesystem", dest.display()),
+            )
+        })?;
+        let mut fstype = m.typ().clone().unwrap_or_default();
+        let mut flags: libc::c_ulong = 0;
+        let mut clear: libc::c_ulong = 0;
+        let mut propagation = 0;
+        let mut data = Vec::new();
+        let mut bind = fstype == "bind";
+        for opt in m.options().iter().flatten() {
+            let (set, unset) = match opt.as_str() {
+                "ro" => (libc::MS_RDONLY, 0),
+                "rw" => (0, libc::MS_RDONLY),
+                "nosuid" => (libc::MS_NOSUID, 0),
+                "suid" => (0, libc::MS_NOSUID),
+                "nodev" => (libc::MS_NODEV, 0),
+                "dev" => (0, libc::MS_NODEV),
+                "noexec" => (libc::MS_NOEXEC, 0),
+                "exec" => (0, libc::MS_NOEXEC),
+                "sync" => (libc::MS_SYNCHRONOUS, 0),
+                "async" => (0, libc::MS_SYNCHRONOUS),
+                "dirsync" => (libc::MS_DIRSYNC, 0),
+                "mand" => (libc::MS_MANDLOCK, 0),
+                "nomand" => (0, libc::MS_MANDLOCK),
+                "atime" => (0, libc::MS_NOATIME),
+                "noatime" => (libc::MS_NOATIME, 0),
+                "diratime" => (0, libc::MS_NODIRATIME),
+                "nodiratime" => (libc::MS_NODIRATIME, 0),
+                "relatime" => (libc::MS_RELATIME, 0),
+                "norelatime" => (0, libc::MS_RELATIME),
+                "strictatime" => (libc::MS_STRICTATIME, 0),
+                "nostrictatime" => (0, libc::MS_STRICTATIME),
+                "bind" => {
+                    bind = true;
+                    (libc::MS_BIND, 0)
+                }
+                "rbind" => {
+                    bind = true;
+                    (libc::MS_BIND | libc::MS_REC, 0)
+                }
+                "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave"
+                | "unbindable" | "runbindable" => {
+                    let base = match opt.trim_start_matches('r') {
+                        "private" => libc::MS_PRIVATE,
+                        "shared" => libc::MS_SHARED,
+                        "slave" => libc::MS_SLAVE,
+                        _ => libc::MS_UNBINDABLE,
+                    };
+                    let rec = if opt.starts_with('r') { libc::MS_REC } else { 0 };
+                    propagation = base | rec;
+                    (0, 0)
+                }
+                "tmpcopyup" | "idmap" | "ridmap" | "remount" => {
+                    return Err(bundle
+                        .invalid(format!("{field}.options"), format!("{opt} is not supported"))
+                        .into());
+                }
+                other => {
+                    data.push(other.to_string());
+                    (0, 0)
+                }
+            };
+            flags |= set;
+            clear |= unset;
+        }
+        flags &= !clear;
+
+        let source = m.source().clone();
+        let mut file_target = false;
+        if bind {
+            flags |= libc::MS_BIND;
+            let src = source.clone().ok_or_else(|| {
+                bundle.invalid(format!("{field}.source"), "a bind mount needs a source")
+            })?;
+            let src = if src.is_absolute() {
+                src
+            } else {
+                bundle.dir().join(src)
+            };
+            let meta = std::fs::metadata(&src).map_err(|_| {
+                bundle.invalid(
+                    format!("{field}.source"),
+                    format!("{} does not exist", src.display()),
+                )
+            })?;
+            file_target = !meta.is_dir();
+            fstype = String::new();
+        }
+        if fstype == "cgroup" || fstype == "cgroup2" {
+            // A cgroup2 mount shows the container's own subtree thanks to its cgroup
+            // namespace. On v1 hosts there is no single hierarchy to show: the container
+            // gets an empty read-only tmpfs there, as tools treat a missing tree as "no
+            // limits to discover".
+            // TODO: mount the v1 controllers one by one below a tmpfs, as runc does.
+            match layout {
+                crate::cgroup::Layout::V2 => fstype = "cgroup2".into(),
+                crate::cgroup::Layout::V1 => {
+                    fstype = "tmpfs".into();
+                    flags |= libc::MS_RDONLY;
+                    data.clear();
+                }
+            }
+        }
+        let resolved_source = match (&source, bind) {
+            (Some(s), true) if !s.is_absolute() => Some(bundle.dir().join(s)),
+            (s, _) => s.clone(),
+        };
+        // A bind mount takes its flags only from a second, remounting call.
+        let remount_flags = (bind
+            && flags & (libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)
+                != 0)
+            .then_some(
+                libc::MS_BIND
+                    | libc::MS_REMOUNT
+                    | (flags
+                        & (libc::MS_RDONLY
+                            | libc::MS_NOSUID
+                            | libc::MS_NODEV
+                            | libc::MS_NOEXEC
+                            | libc::MS_NOATIME
+                            | libc::MS_NODIRATIME
+                            | libc::MS_RELATIME
+                            | libc::MS_STRICTATIME)),
+            );
+        if bind {
+            flags &= libc::MS_BIND | libc::MS_REC;
+        }
+        let mut parents = Vec::new();
+        let mut prefix = PathBuf::new();
+        let comps: Vec<_> = rel.components().collect();
+        for comp in &comps {
+            parents.push((cstring("mount", &prefix)?, cstring("mount", comp.as_os_str())?));
+            prefix.push(comp.as_os_str());
+        }
+        ops.push(MountOp {
+            is_dev: dest == Path::new("/dev") && fstype == "tmpfs",
+            rel: cstring("mount", &rel)?,
+            parents,
+            dest,
+            file_target,
+            source: resolved_source.map(|s| cstring("mount source", s)).transpose()?,
+            fstype: (!fstype.is_empty())
+                .then(|| cstring("mount type", &fstype))
+                .transpose()?,
+            flags,
+            data: (!data.is_empty())
+                .then(|| cstring("mount options", data.join(",")))
+                .transpose()?,
+            remount_flags,
+            propagation,
+        });
+    }
+    Ok(ops)
+}
+
+/// `dest` without its root, refusing `..` that would climb above the root filesystem.
+fn relative(dest: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for comp in dest.components() {
+        match comp {
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            Component::Normal(c) => out.push(c),
+            Component::Prefix(_) => return None,
+        }
+    }
+    (!out.as_os_str().is_empty()).then_some(out)
+}
+
+fn devices(bundle: &Bundle) -> Result<Vec<Device>> {
+    let dev = |path: &str, major, minor| -> Result<Device> {
+        Ok(Device {
+            path: cstring("device", path)?,
+            mode: libc::S_IFCHR | 0o666,
+            dev: libc::makedev(major, minor),
+            uid: 0,
+            gid: 0,
+        })
+    };
+    let mut out = vec![
+        dev("dev/null", 1, 3)?,
+        dev("dev/zero", 1, 5)?,
+        dev("dev/full", 1, 7)?,
+        dev("dev/random", 1, 8)?,
+        dev("dev/urandom", 1, 9)?,
+        dev("dev/tty", 5, 0)?,
+    ];
+    let linux = bundle.spec().linux().clone().unwrap_or_default();
+    for (i, d) in linux.devices().iter().flatten().enumerate() {
+        let field = format!("linux.devices[{i}]");
+        let rel = relative(d.path())
+            .filter(|r| r.starts_with("dev") && r.components().count() == 2)
+            .ok_or_else(|| {
+                bundle.invalid(
+                    format!("{field}.path"),
+                    format!("{} is not directly below /dev", d.path().display()),
+                )
+            })?;
+        use oci_spec::runtime::LinuxDeviceType as T;
+        let kind = match d.typ() {
+            T::C | T::U => libc::S_IFCHR,
+            T::B => libc::S_IFBLK,
+            T::P => libc::S_IFIFO,
+            T::A => {
+                return Err(bundle
+                    .invalid(format!("{field}.type"), "type a is for cgroup rules only")
+                    .into());
+            }
+        };
+        out.retain(|existing| existing.path.as_bytes() != rel.as_os_str().as_bytes());
+        out.push(Device {
+            path: cstring("device", &rel)?,
+            mode: kind | d.file_mode().unwrap_or(0o666),
+            dev: libc::makedev(d.major() as u32, d.minor() as u32),
+            uid: d.uid().unwrap_or(0),
+            gid: d.gid().unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+/// What the child reports when a step fails: which step, which item of that step, errno.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Report {
+    pub step: u32,
+    pub index: u32,
+    pub errno: i32,
+}
+
+impl Report {
+    const SIZE: usize = std::mem::size_of::<Report>();
+
+    /// Reads a report from the error pipe, if the child wrote one. The child has exited by
+    /// the time this is called, so the read does not block on it; the pipe is non-blocking
+    /// in case another container's child still holds an inherited copy of the write end.
+    pub fn read(fd: BorrowedFd<'_>) -> Option<Report> {
+        let mut report = Report::default();
+        // SAFETY: reads at most SIZE bytes into a plain repr(C) struct of integers, for
+        // which every bit pattern is valid.
+        let n = unsafe {
+            libc::read(
+                fd.as_raw_fd(),
+                (&mut report as *mut Report).cast(),
+                Report::SIZE,
+            )
+        };
+        (n == Report::SIZE as isize).then_some(report)
+    }
+}
+
+/// The steps of [`child`], numbered for [`Report::step`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Step {
+    Unknown = 0,
+    Wait,
+    Join,
+    CgroupNs,
+    Hostname,
+    Propagation,
+    BindRoot,
+    OpenRoot,
+    MountTarget,
+    Mount,
+    Device,
+    PivotRoot,
+    Mask,
+    ReadOnly,
+    Sysctl,
+    RemountRoot,
+    Setsid,
+    Rlimit,
+    Groups,
+    Gid,
+    Uid,
+    Capabilities,
+    NoNewPrivs,
+    Chdir,
+    Stdio,
+    Exec,
+}
+
+impl From<u32> for Step {
+    fn from(n: u32) -> Step {
+        const ALL: [Step; 26] = [
+            Step::Unknown,
+            Step::Wait,
+            Step::Join,
+            Step::CgroupNs,
+            Step::Hostname,
+            Step::Propagation,
+            Step::BindRoot,
+            Step::OpenRoot,
+            Step::MountTarget,
+            Step::Mount,
+            Step::Device,
+            Step::PivotRoot,
+            Step::Mask,
+            Step::ReadOnly,
+            Step::Sysctl,
+            Step::RemountRoot,
+            Step::Setsid,
+            Step::Rlimit,
+            Step::Groups,
+            Step::Gid,
+            Step::Uid,
+            Step::Capabilities,
+            Step::NoNewPrivs,
+            Step::Chdir,
+            Step::Stdio,
+            Step::Exec,
+        ];
+        ALL.get(n as usize).copied().unwrap_or(Step::Unknown)
+    }
+}
+
+/// A cloned init process waiting for [`Child::release`].
+#[derive(Debug)]
+pub struct Child {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    /// Read end of the error pipe (non-blocking).
+    pub errors: OwnedFd,
+    go: OwnedFd,
+}
+
+impl Child {
+    /// Lets the child go on from its cgroup and network being ready to exec.
+    pub fn release(self) -> Result<(OwnedFd, OwnedFd)> {
+        // SAFETY: writes one byte from a live stack variable to a pipe we own.
+        let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(os("release the container's init")(std::io::Error::last_os_error()));
+        }
+        Ok((self.pidfd, self.errors))
+    }
+}
+
+/// Makes a pipe whose ends are close-on-exec and numbered 3 or above, so that moving the
+/// child's stdio into place can never overwrite them.
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| os("create a pipe")(e.into()))?;
+    Ok((above_stdio(r)?, above_stdio(w)?))
+}
+
+fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
+    if fd.as_raw_fd() > 2 {
+        return Ok(fd);
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new descriptor or -1.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(os("duplicate a descriptor")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `new` is a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Clones the init process into its new namespaces, and (on cgroup v2) straight into the
+/// cgroup `cgroup_dir`. The child stops before doing anything until released.
+pub fn spawn(plan: &Plan, output: &Output, cgroup_dir: Option<BorrowedFd<'_>>) -> Result<Child> {
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    nix::fcntl::fcntl(&err_r, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+        .map_err(|e| os("configure the error pipe")(e.into()))?;
+    let null = std::fs::File::open("/dev/null").map_err(os("open /dev/null"))?;
+    let null = above_stdio(null.into())?;
+    let out_fd: RawFd = match output {
+        Output::Inherit => -1,
+        Output::Fd(fd) => fd.as_raw_fd(),
+    };
+    let fds = ChildFds {
+        go: go_r.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        stdin: null.as_raw_fd(),
+        out: out_fd,
+    };
+
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: clone_args is a plain C struct; all-zero is its documented default.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = plan.clone_flags | libc::CLONE_PIDFD as u64;
+    args.pidfd = &mut pidfd as *mut libc::c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if let Some(dir) = cgroup_dir {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM gives the child a copy of our memory, like fork. The
+    // child runs only `child`, which never returns and touches nothing but `plan` and `fds`
+    // through raw syscalls (see the module comment).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: we are the freshly cloned child.
+        unsafe { child(plan, &fds) }
+    }
+    if ret < 0 {
+        return Err(os("clone the container's init process")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: clone3 stored a new pidfd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    // The child's ends (go_r, err_w, null) close here, in the parent only.
+    Ok(Child {
+        pid: ret as u32,
+        pidfd,
+        errors: err_r,
+        go: go_w,
+    })
+}
+
+/// Not in every libc release yet; the value is fixed by the kernel ABI.
+const CLONE_INTO_CGROUP: u64 = 0x200000000;
+
+struct ChildFds {
+    go: RawFd,
+    err: RawFd,
+    stdin: RawFd,
+    /// -1 to keep the inherited stdout and stderr.
+    out: RawFd,
+}
+
+/// A fixed buffer for "/proc/self/fd/N", formatted without allocating.
+struct FdPath([u8; 32]);
+
+impl FdPath {
+    fn new(fd: RawFd) -> FdPath {
+        let mut buf = [0u8; 32];
+        let prefix = b"/proc/self/fd/";
+        buf[..prefix.len()].copy_from_slice(prefix);
+        let mut digits = [0u8; 12];
+        let mut n = fd.max(0) as u32;
+        let mut len = 0;
+        loop {
+            digits[len] = b'0' + (n % 10) as u8;
+            len += 1;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for i in 0..len {
+            buf[prefix.len() + i] = digits[len - 1 - i];
+        }
+        FdPath(buf)
+    }
+
+    fn as_ptr(&self) -> *const libc::c_char {
+        self.0.as_ptr().cast()
+    }
+}
+
+/// Fails the child: reports `step` to the parent and exits.
+///
+/// # Safety
+/// Only for the cloned child.
+unsafe fn fail(fds: &ChildFds, step: Step, index: usize) -> ! {
+    let report = Report {
+        step: step as u32,
+        index: index as u32,
+        // SAFETY: __errno_location returns the calling thread's errno slot.
+        errno: unsafe { *libc::__errno_location() },
+    };
+    // SAFETY: writes a plain struct to our error pipe, then exits without running any of
+    // the parent's atexit handlers or destructors.
+    unsafe {
+        libc::write(fds.err, (&report as *const Report).cast(), Report::SIZE);
+        libc::_exit(127)
+    }
+}
+
+/// Opens `rel` inside the root filesystem `root`, never resolving a path outside it: `..`
+/// and symlinks (absolute ones included) resolve as if `root` were `/`.
+///
+/// # Safety
+/// `rel` must be a valid C string.
+unsafe fn open_in_root(root: RawFd, rel: &CString, flags: u64) -> RawFd {
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags | libc::O_CLOEXEC as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a valid C string and a properly sized open_how.
+    unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root,
+            rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        ) as RawFd
+    }
+}
+
+/// Opens the mount point of `op`, making it (and its missing parents) first if needed.
+///
+/// # Safety
+/// Only for the cloned child.
+unsafe fn mount_target(root: RawFd, op: &MountOp) -> RawFd {
+    let path_flags = (libc::O_PATH | libc::O_NOFOLLOW) as u64;
+    // SAFETY: every C string comes from the plan; the fds are ours.
+    unsafe {
+        let fd = open_in_root(root, &op.rel, path_flags);
+        if fd >= 0 {
+            return fd;
+        }
+        for (i, (parent, name)) in op.parents.iter().enumerate() {
+            let last = i + 1 == op.parents.len();
+            let dir = if parent.as_bytes().is_empty() {
+                libc::dup(root)
+            } else {
+                open_in_root(root, parent, (libc::O_PATH | libc::O_DIRECTORY) as u64)
+            };
+            if dir < 0 {
+                return -1;
+            }
+            let made = if last && op.file_target {
+                let f = libc::openat(
+                    dir,
+                    name.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+                    0o644,
+                );
+                if f >= 0 {
+                    libc::close(f);
+                }
+                f
+            } else {
+                libc::mkdirat(dir, name.as_ptr(), 0o755)
+            };
+            let errno = *libc::__errno_location();
+            libc::close(dir);
+            if made < 0 && errno != libc::EEXIST {
+                *libc::__errno_location() = errno;
+                return -1;
+            }
+        }
+        open_in_root(root, &op.rel, path_flags)
+    }
+}
+
+fn opt_ptr(s: &Option<CString>) -> *const libc::c_char {
+    s.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())
+}
+
+/// The cloned child: sets up the container and execs its entrypoint, or reports the step
+/// that failed. Allocation-free by design (see the module comment).
+///
+/// # Safety
+/// Must only run in the child of `clone3`, once.
+unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
+    // SAFETY: everything below is a raw syscall on memory the plan owns or on the stack.
+    unsafe {
+        // Wait for the parent: it puts us in our cgroup and wires our network meanwhile.
+        let mut byte = 0u8;
+        if libc::read(fds.go, (&mut byte as *mut u8).cast(), 1) != 1 {
+            // The parent gave up (or died) before releasing us.
+            libc::_exit(127);
+        }
+
+        for (i, (fd, nstype)) in plan.joins.iter().enumerate() {
+            if libc::setns(fd.as_raw_fd(), *nstype) != 0 {
+                fail(fds, Step::Join, i);
+            }
+        }
+        // Only now, inside its own cgroup, so that the namespace's root is that cgroup.
+        if plan.unshare_cgroup && libc::unshare(libc::CLONE_NEWCGROUP) != 0 {
+            fail(fds, Step::CgroupNs, 0);
+        }
+        if let Some(h) = &plan.hostname
+            && libc::sethostname(h.as_ptr(), h.as_bytes().len()) != 0
+        {
+            fail(fds, Step::Hostname, 0);
+        }
+
+        // Nothing we mount may propagate back to the host.
+        let none = std::ptr::null();
+        if libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast())
+            != 0
+        {
+            fail(fds, Step::Propagation, 0);
+        }
+        // pivot_root needs the new root to be a mount point.
+        if libc::mount(
+            plan.rootfs.as_ptr(),
+            plan.rootfs.as_ptr(),
+            none,
+            libc::MS_BIND | libc::MS_REC,
+            none.cast(),
+        ) != 0
+        {
+            fail(fds, Step::BindRoot, 0);
+        }
+        // Opened after the bind, so that it refers to the new mount and not the directory
+        // beneath it.
+        let root = libc::open(
+            plan.rootfs.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        );
+        if root < 0 {
+            fail(fds, Step::OpenRoot, 0);
+        }
+
+        // Device nodes are created with exactly the modes the plan gives.
+        libc::umask(0);
+        for (i, op) in plan.mounts.iter().enumerate() {
+            let target = mount_target(root, op);
+            if target < 0 {
+                fail(fds, Step::MountTarget, i);
+            }
+            // The fd pins the resolved location, so a symlink swapped in meanwhile cannot
+            // redirect the mount.
+            let path = FdPath::new(target);
+            if libc::mount(
+                opt_ptr(&op.source),
+                path.as_ptr(),
+                opt_ptr(&op.fstype),
+                op.flags,
+                opt_ptr(&op.data).cast(),
+            ) != 0
+            {
+                fail(fds, Step::Mount, i);
+            }
+            libc::close(target);
+            if op.remount_flags.is_some() || op.propagation != 0 {
+                // Reopen: the old fd names the directory under the new mount, this one the
+                // mount itself.
+                let mounted = open_in_root(root, &op.rel, libc::O_PATH as u64);
+                if mounted < 0 {
+                    fail(fds, Step::Mount, i);
+                }
+                let path = FdPath::new(mounted);
+                if let Some(flags) = op.remount_flags
+                    && libc::mount(none, path.as_ptr(), none, flags, none.cast()) != 0
+                {
+                    fail(fds, Step::Mount, i);
+                }
+                if op.propagation != 0
+                    && libc::mount(none, path.as_ptr(), none, op.propagation, none.cast()) != 0
+                {
+                    fail(fds, Step::Mount, i);
+                }
+                libc::close(mounted);
+            }
+        }
+        if !plan.devices.is_empty() {
+            for (i, dev) in plan.devices.iter().enumerate() {
+                // /dev is a tmpfs we just mounted, so plain *at calls cannot be redirected.
+                if libc::mknodat(root, dev.path.as_ptr(), dev.mode, dev.dev) != 0 {
+                    fail(fds, Step::Device, i);
+                }
+                if libc::fchownat(root, dev.path.as_ptr(), dev.uid, dev.gid, 0) != 0 {
+                    fail(fds, Step::Device, i);
+                }
+            }
+            for (target, link) in &plan.dev_links {
+                let r = libc::symlinkat(target.as_ptr(), root, link.as_ptr());
+                if r != 0 && *libc::__errno_location() != libc::EEXIST {
+                    fail(fds, Step::Device, plan.devices.len());
+                }
+            }
+        }
+
+        // Swap roots: the old root ends up stacked on the new one and is then detached,
+        // which avoids needing a writable directory in the rootfs to hold it.
+        if libc::fchdir(root) != 0
+            || libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) != 0
+            || libc::umount2(c".".as_ptr(), libc::MNT_DETACH) != 0
+            || libc::chdir(c"/".as_ptr()) != 0
+        {
+            fail(fds, Step::PivotRoot, 0);
+        }
+        libc::close(root);
+
+        for (i, path) in plan.masked.iter().enumerate() {
+            // A file is hidden under /dev/null, a directory under an empty read-only tmpfs.
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::lstat(path.as_ptr(), &mut st) != 0 {
+                continue;
+            }
+            let r = if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    path.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY,
+                    none.cast(),
+                )
+            } else {
+                libc::mount(c"/dev/null".as_ptr(), path.as_ptr(), none, libc::MS_BIND, none.cast())
+            };
+            if r != 0 {
+                fail(fds, Step::Mask, i);
+            }
+        }
+        for (i, path) in plan.readonly.iter().enumerate() {
+            if libc::mount(path.as_ptr(), path.as_ptr(), none, libc::MS_BIND | libc::MS_REC, none.cast())
+                != 0
+            {
+                if *libc::__errno_location() == libc::ENOENT {
+                    continue;
+                }
+                fail(fds, Step::ReadOnly, i);
+            }
+            let flags = libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | libc::MS_NOEXEC;
+            if libc::mount(path.as_ptr(), path.as_ptr(), none, flags, none.cast()) != 0 {
+                fail(fds, Step::ReadOnly, i);
+            }
+        }
+        for (i, (path, value)) in plan.sysctls.iter().enumerate() {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            let bytes = value.as_bytes();
+            if fd < 0 || libc::write(fd, bytes.as_ptr().cast(), bytes.len()) < 0 {
+                fail(fds, Step::Sysctl, i);
+            }
+            libc::close(fd);
+        }
+        if plan.readonly_root
+            && libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                none.cast(),
+            ) != 0
+        {
+            fail(fds, Step::RemountRoot, 0);
+        }
+
+        // Its own session, so no terminal of the host's is its controlling terminal.
+        if libc::setsid() < 0 {
+            fail(fds, Step::Setsid, 0);
+        }
+        for (i, (resource, limit)) in plan.rlimits.iter().enumerate() {
+            if libc::setrlimit(*resource as libc::__rlimit_resource_t, limit) != 0 {
+                fail(fds, Step::Rlimit, i);
+            }
+        }
+
+        // Drop bounding capabilities while we still hold CAP_SETPCAP.
+        for cap in 0..=plan.last_cap {
+            if plan.caps.bounding & (1u64 << cap) == 0
+                && libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) != 0
+            {
+                fail(fds, Step::Capabilities, cap as usize);
+            }
+        }
+        // Keep the permitted set across the change of user; it is narrowed below.
+        libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0);
+        if libc::setgroups(plan.groups.len(), plan.groups.as_ptr()) != 0 {
+            fail(fds, Step::Groups, 0);
+        }
+        if libc::setresgid(plan.gid, plan.gid, plan.gid) != 0 {
+            fail(fds, Step::Gid, 0);
+        }
+        if libc::setresuid(plan.uid, plan.uid, plan.uid) != 0 {
+            fail(fds, Step::Uid, 0);
+        }
+        libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
+        set_capabilities(&plan.caps, plan.last_cap, fds);
+
+        if libc::chdir(plan.cwd.as_ptr()) != 0 {
+            fail(fds, Step::Chdir, 0);
+        }
+        if plan.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            fail(fds, Step::NoNewPrivs, 0);
+        }
+        libc::umask(plan.umask);
+
+        // The runtime may block or ignore signals (Rust ignores SIGPIPE); exec keeps both,
+        // and an entrypoint expects neither.
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
+
+        if libc::dup2(fds.stdin, 0) < 0 {
+            fail(fds, Step::Stdio, 0);
+        }
+        if fds.out >= 0 && (libc::dup2(fds.out, 1) < 0 || libc::dup2(fds.out, 2) < 0) {
+            fail(fds, Step::Stdio, 1);
+        }
+        // Every descriptor of the runtime beyond stdio closes at exec, whatever its flags.
+        libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int);
+
+        let mut argv = [std::ptr::null::<libc::c_char>(); 256];
+        let mut envp = [std::ptr::null::<libc::c_char>(); 1024];
+        if plan.argv.len() >= argv.len() || plan.envp.len() >= envp.len() {
+            *libc::__errno_location() = libc::E2BIG;
+            fail(fds, Step::Exec, 0);
+        }
+        for (slot, arg) in argv.iter_mut().zip(&plan.argv) {
+            *slot = arg.as_ptr();
+        }
+        for (slot, var) in envp.iter_mut().zip(&plan.envp) {
+            *slot = var.as_ptr();
+        }
+        // A PATH search like execvp's: skip entries that do not exist, remember EACCES.
+        let mut saw_eacces = false;
+        for path in &plan.exec_candidates {
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            match *libc::__errno_location() {
+                libc::ENOENT | libc::ENOTDIR => {}
+                libc::EACCES => saw_eacces = true,
+                _ => fail(fds, Step::Exec, 0),
+            }
+        }
+        if saw_eacces {
+            *libc::__errno_location() = libc::EACCES;
+        }
+        fail(fds, Step::Exec, 0)
+    }
+}
+
+/// Sets the effective, permitted and inheritable sets, then raises the ambient ones.
+///
+/// # Safety
+/// Only for the cloned child.
+unsafe fn set_capabilities(caps: &Caps, last_cap: u8, fds: &ChildFds) {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: caps.effective as u32,
+            permitted: caps.permitted as u32,
+            inheritable: caps.inheritable as u32,
+        },
+        Data {
+            effective: (caps.effective >> 32) as u32,
+            permitted: (caps.permitted >> 32) as u32,
+            inheritable: (caps.inheritable >> 32) as u32,
+        },
+    ];
+    // SAFETY: capset with a version-3 header and the two data words it requires.
+    unsafe {
+        if libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) != 0 {
+            fail(fds, Step::Capabilities, 64);
+        }
+        for cap in 0..=last_cap {
+            if caps.ambient & (1u64 << cap) != 0
+                && libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                ) != 0
+            {
+                fail(fds, Step::Capabilities, 100 + cap as usize);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fd_path_formats_numbers() {
+        let p = FdPath::new(1234);
+        let s = std::ffi::CStr::from_bytes_until_nul(&p.0).unwrap();
+        assert_eq!(s.to_str().unwrap(), "/proc/self/fd/1234");
+        let p = FdPath::new(0);
+        let s = std::ffi::CStr::from_bytes_until_nul(&p.0).unwrap();
+        assert_eq!(s.to_str().unwrap(), "/proc/self/fd/0");
+    }
+
+    #[test]
+    fn relative_refuses_climbing_out() {
+        assert_eq!(relative(Path::new("/a/../b")), Some(PathBuf::from("b")));
+        assert_eq!(relative(Path::new("/../etc")), None);
+        assert_eq!(relative(Path::new("/")), None);
+    }
+
+    #[test]
+    fn steps_round_trip() {
+        for n in 0..26u32 {
+            assert_eq!(Step::from(n) as u32, n);
+        }
+    }
+
+    #[test]
+    fn only_namespaced_sysctls() {
+        assert!(is_namespaced_sysctl("net.ipv4.ping_group_range"));
+        assert!(is_namespaced_sysctl("kernel.shmmax"));
+        assert!(!is_namespaced_sysctl("kernel.panic"));
+        assert!(!is_namespaced_sysctl("vm.swappiness"));
+    }
+}
