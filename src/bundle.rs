@@ -251,10 +251,7 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
                 || cpu.idle().is_some()
                 || cpu.burst().is_some())
         {
-            return unsupported(
-                "linux.resources.cpu",
-                " beyond shares, quota and period",
-            );
+            return unsupported("linux.resources.cpu", " beyond shares, quota and period");
         }
         if let Some(mem) = res.memory()
             && (mem.kernel().is_some()
@@ -310,10 +307,7 @@ mod tests {
 
     #[test]
     fn unsupported_field_is_named() {
-        let cfg = MINIMAL.replace(
-            r#""root""#,
-            r#""linux":{"intelRdt":{"closID":"x"}},"root""#,
-        );
+        let cfg = MINIMAL.replace(r#""root""#, r#""linux":{"intelRdt":{"closID":"x"}},"root""#);
         let (_dir, err) = bundle_with(&cfg);
         let msg = err.unwrap_err().to_string();
         assert!(msg.contains("linux.intelRdt"), "{msg}");

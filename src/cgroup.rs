@@ -15,9 +15,9 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cgroups_rs::CgroupPid;
 use cgroups_rs::fs::hierarchies::{self, V1, V2};
 use cgroups_rs::fs::{Cgroup as Group, Hierarchy, MaxValue, Resources};
-use cgroups_rs::CgroupPid;
 use tracing::debug;
 
 const V2_ROOT: &str = "/sys/fs/cgroup";
@@ -191,7 +191,11 @@ impl Cgroup {
 
     /// The processes in the cgroup.
     pub fn procs(&self) -> Vec<u32> {
-        self.group.procs().into_iter().map(|p| p.pid as u32).collect()
+        self.group
+            .procs()
+            .into_iter()
+            .map(|p| p.pid as u32)
+            .collect()
     }
 
     /// Whether the kernel's OOM killer has killed a process of this cgroup.
@@ -315,7 +319,11 @@ fn v1_mounts(controllers: &[&str]) -> Vec<PathBuf> {
     hierarchies::mountinfo_self()
         .into_iter()
         .filter(|m| m.fs_type.0 == "cgroup")
-        .filter(|m| controllers.iter().any(|c| m.super_opts.iter().any(|o| o == c)))
+        .filter(|m| {
+            controllers
+                .iter()
+                .any(|c| m.super_opts.iter().any(|o| o == c))
+        })
         .map(|m| m.mount_point)
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()

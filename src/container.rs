@@ -110,7 +110,9 @@ pub struct StartOptions {
 #[derive(Debug, Clone)]
 pub(crate) enum State {
     NeverStarted,
-    Running { pid: u32 },
+    Running {
+        pid: u32,
+    },
     /// The init has exited; its cgroup and network are being torn down.
     Stopping,
     Exited(Arc<Outcome>),
@@ -120,6 +122,7 @@ pub(crate) enum State {
 struct Life {
     pidfd: Arc<AsyncFd<OwnedFd>>,
     address: IpAddr,
+    link: Option<Link>,
     /// The first reason given to `destroy`.
     reason: Arc<StdMutex<Option<String>>>,
 }
@@ -154,16 +157,17 @@ struct Made {
 
 impl Made {
     async fn undo(self) {
+        // The veth goes first, while the still-living init holds its name (see Run::netns).
+        if let Some(link) = &self.link
+            && let Err(e) = network::detach(link).await
+        {
+            warn!(error = %e, "failed to remove the veth of a failed start");
+        }
         if let Some(pidfd) = &self.pidfd {
             let _ = monitor::send_signal(pidfd.get_ref(), libc::SIGKILL);
             if let Err(e) = monitor::wait(pidfd).await {
                 warn!(error = %e, "failed to reap a half-started init");
             }
-        }
-        if let Some(link) = &self.link
-            && let Err(e) = network::detach(link).await
-        {
-            warn!(error = %e, "failed to remove the veth of a failed start");
         }
         if let Some(cgroup) = self.cgroup {
             let removed = tokio::task::spawn_blocking(move || {
@@ -260,7 +264,11 @@ impl Container {
         let plan = Plan::new(&bundle, &process)?;
         let limits = limits(&bundle, opts.instance)?;
 
-        let cgroup_path = match bundle.spec().linux().as_ref().and_then(|l| l.cgroups_path().clone())
+        let cgroup_path = match bundle
+            .spec()
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().clone())
         {
             // The bundle's path is always taken below silo's parent, never from the root:
             // silo manages only cgroups below the parent it owns.
@@ -289,13 +297,12 @@ impl Container {
         let (output, log_reader) = match opts.stdio {
             Stdio::Inherit => (Output::Inherit, None),
             Stdio::Log => {
-                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
-                    Error::Io {
+                let (r, w) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Io {
                         id: id.clone(),
                         what: "create the log pipe".into(),
                         source: e.into(),
-                    }
-                })?;
+                    })?;
                 (Output::Fd(w), Some(r))
             }
         };
@@ -322,30 +329,36 @@ impl Container {
         if cgroup_dir.is_none() {
             cgroup.add(pid)?;
         }
+        let mut netns = None;
         let address = if plan.new_network() {
-            let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|source| {
-                Error::Io {
+            let netns_file =
+                std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|source| Error::Io {
                     id: id.clone(),
                     what: "open the network namespace".into(),
                     source,
-                }
-            })?;
-            let link = network::attach(&shared.config.address_pool, netns.as_fd()).await?;
+                })?;
+            let link = network::attach(&shared.config.address_pool, netns_file.as_fd()).await?;
             let addr = IpAddr::V4(link.container_addr);
             made.link = Some(link);
+            netns = Some(netns_file);
             addr
         } else {
             IpAddr::V4(Ipv4Addr::LOCALHOST)
         };
 
         let log_task = log_reader.map(|r| {
-            tokio::spawn(logs::drain(r, state_dir.join(logs::FILE), shared.config.log_limit))
+            tokio::spawn(logs::drain(
+                r,
+                state_dir.join(logs::FILE),
+                shared.config.log_limit,
+            ))
         });
         let (_, errors) = child.release()?;
 
         let life = Life {
             pidfd: pidfd.clone(),
             address,
+            link: made.link.clone(),
             reason: Arc::new(StdMutex::new(None)),
         };
         let run = Run {
@@ -355,13 +368,17 @@ impl Container {
             plan,
             cgroup: made.cgroup.take().expect("set above"),
             link: made.link.take(),
+            netns,
             reason: life.reason.clone(),
             log_task,
         };
         *made = Made::default();
         self.inner.state.send_replace(State::Running { pid });
         info!(pid, %address, "container started");
-        tokio::spawn(run.supervise().instrument(info_span!(parent: None, "monitor", container = %id)));
+        tokio::spawn(
+            run.supervise()
+                .instrument(info_span!(parent: None, "monitor", container = %id)),
+        );
         Ok(life)
     }
 
@@ -375,14 +392,15 @@ impl Container {
         let Some(live) = live else {
             return Err(Error::NotRunning(self.inner.id.clone()));
         };
-        monitor::send_signal(live.pidfd.get_ref(), sig).map_err(|source| match source.raw_os_error()
-        {
-            Some(libc::ESRCH) => Error::NotRunning(self.inner.id.clone()),
-            _ => Error::Io {
-                id: self.inner.id.clone(),
-                what: format!("send signal {sig}"),
-                source,
-            },
+        monitor::send_signal(live.pidfd.get_ref(), sig).map_err(|source| {
+            match source.raw_os_error() {
+                Some(libc::ESRCH) => Error::NotRunning(self.inner.id.clone()),
+                _ => Error::Io {
+                    id: self.inner.id.clone(),
+                    what: format!("send signal {sig}"),
+                    source,
+                },
+            }
         })?;
         debug!(container = %self.inner.id, sig, "signal sent");
         Ok(())
@@ -465,6 +483,14 @@ impl Container {
         Ok(TcpPort::new(self.clone(), port))
     }
 
+    /// The veth pair of the current run, while it runs in a network namespace of its own.
+    pub async fn network_link(&self) -> Option<Link> {
+        let life = self.inner.life.lock().await;
+        life.as_ref()
+            .filter(|_| self.running())
+            .and_then(|l| l.link.clone())
+    }
+
     /// The address the container's ports answer on, while it runs.
     pub(crate) async fn address(&self) -> Result<IpAddr> {
         let life = self.inner.life.lock().await;
@@ -483,6 +509,10 @@ struct Run {
     plan: Plan,
     cgroup: Cgroup,
     link: Option<Link>,
+    /// Holds the network namespace, and with it the veth pair, until `link` is detached:
+    /// otherwise the kernel could free the pair's name when the init exits, hand it to a
+    /// new container, and our detach would then remove that container's pair.
+    netns: Option<std::fs::File>,
     reason: Arc<StdMutex<Option<String>>>,
     log_task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -508,6 +538,7 @@ impl Run {
         {
             warn!(error = %e, "failed to remove veth");
         }
+        drop(self.netns);
         let cgroup = self.cgroup;
         let removed = tokio::task::spawn_blocking(move || {
             cgroup.kill_all()?;
@@ -520,12 +551,19 @@ impl Run {
         }
         if let Some(task) = self.log_task {
             // Every writer is dead now, so the drain ends at the pipe's end of file.
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 warn!("log drain did not finish");
             }
         }
 
-        let reason = self.reason.lock().expect("reason lock is never poisoned").take();
+        let reason = self
+            .reason
+            .lock()
+            .expect("reason lock is never poisoned")
+            .take();
         let outcome = Outcome {
             status,
             oom_killed,
@@ -546,7 +584,11 @@ impl Run {
 
 /// The process to run: the bundle's, with the caller's entrypoint and environment over it.
 fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
-    let spec_process = bundle.spec().process().as_ref().expect("checked by Bundle::load");
+    let spec_process = bundle
+        .spec()
+        .process()
+        .as_ref()
+        .expect("checked by Bundle::load");
     for (name, value) in &opts.env {
         let reason = if name.is_empty() {
             Some("the name is empty")

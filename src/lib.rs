@@ -17,6 +17,6 @@ mod runtime;
 pub mod spawn;
 
 pub use container::{Container, ExitStatus, Instance, Outcome, StartOptions, Stdio};
-pub use monitor::Exit;
 pub use error::{Error, Result};
+pub use monitor::Exit;
 pub use runtime::{Runtime, RuntimeConfig};

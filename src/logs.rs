@@ -84,7 +84,9 @@ impl Log {
             }
             let room = (self.cap - self.size.min(self.cap)).max(1) as usize;
             let (now, rest) = data.split_at(room.min(data.len()));
-            let Some(file) = self.file.as_mut() else { return };
+            let Some(file) = self.file.as_mut() else {
+                return;
+            };
             match file.write_all(now) {
                 Ok(()) => self.size += now.len() as u64,
                 Err(e) => {

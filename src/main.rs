@@ -13,10 +13,20 @@ use tokio::signal::unix::{SignalKind, signal};
 #[command(name = "silo", version, about = "A Linux-native container runtime")]
 struct Cli {
     /// Where container state and logs live.
-    #[arg(long, global = true, default_value = "/run/silo", env = "SILO_STATE_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/run/silo",
+        env = "SILO_STATE_DIR"
+    )]
     state_dir: PathBuf,
     /// The cgroup under which containers' cgroups are made.
-    #[arg(long, global = true, default_value = "/silo", env = "SILO_CGROUP_PARENT")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "/silo",
+        env = "SILO_CGROUP_PARENT"
+    )]
     cgroup_parent: String,
     #[command(subcommand)]
     command: Command,
@@ -106,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 };
             };
             let outcome = container.outcome();
+            tracing::debug!(?outcome, "run finished");
             container.destroy(None).await?;
             match result {
                 Ok(()) => Ok(0),
@@ -116,10 +127,6 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Err(silo::Error::Exit(exit)) => Ok(exit.code.clamp(0, 255) as u8),
                 Err(e) => Err(e.into()),
             }
-            .map(|code| {
-                tracing::debug!(?outcome, code, "run finished");
-                code
-            })
         }
     }
 }

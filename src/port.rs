@@ -47,9 +47,7 @@ impl TcpPort {
         };
         match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
             Err(_) => Err(not_listening()),
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                Err(not_listening())
-            }
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Err(not_listening()),
             Ok(Err(source)) => Err(Error::Io {
                 id: id.clone(),
                 what: format!("connect to {addr}"),

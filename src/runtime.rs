@@ -70,7 +70,10 @@ impl Runtime {
         if !valid_id(id) {
             return Err(Error::InvalidId(id.to_string()));
         }
-        let mut map = self.containers.lock().expect("registry lock is never poisoned");
+        let mut map = self
+            .containers
+            .lock()
+            .expect("registry lock is never poisoned");
         Ok(map
             .entry(id.to_string())
             .or_insert_with(|| Container::new(id.to_string(), self.shared.clone()))
@@ -79,7 +82,10 @@ impl Runtime {
 
     /// Every container handed out so far.
     pub fn containers(&self) -> Vec<Container> {
-        let map = self.containers.lock().expect("registry lock is never poisoned");
+        let map = self
+            .containers
+            .lock()
+            .expect("registry lock is never poisoned");
         map.values().cloned().collect()
     }
 }

@@ -170,7 +170,10 @@ impl Plan {
     /// Prepares the spawn of `process` from `bundle`.
     pub fn new(bundle: &Bundle, process: &Process) -> Result<Plan> {
         let spec = bundle.spec();
-        let proc_spec = spec.process().as_ref().expect("bundle::check requires process");
+        let proc_spec = spec
+            .process()
+            .as_ref()
+            .expect("bundle::check requires process");
         let linux = spec.linux().clone().unwrap_or_default();
 
         let mut clone_flags = 0u64;
@@ -224,7 +227,11 @@ impl Plan {
         let rootfs = bundle.rootfs();
         let mounts = mount_ops(bundle, spec.mounts().as_deref().unwrap_or(&[]))?;
         let has_dev_tmpfs = mounts.iter().any(|m| m.is_dev);
-        let devices = if has_dev_tmpfs { devices(bundle)? } else { Vec::new() };
+        let devices = if has_dev_tmpfs {
+            devices(bundle)?
+        } else {
+            Vec::new()
+        };
         let dev_links = if has_dev_tmpfs {
             [
                 ("/proc/self/fd", "dev/fd"),
@@ -260,7 +267,10 @@ impl Plan {
                     .into());
             }
             let path = format!("/proc/sys/{}", key.replace('.', "/"));
-            sysctls.push((cstring("linux.sysctl", path)?, cstring("linux.sysctl", value)?));
+            sysctls.push((
+                cstring("linux.sysctl", path)?,
+                cstring("linux.sysctl", value)?,
+            ));
         }
 
         let mut rlimits = Vec::new();
@@ -331,7 +341,11 @@ impl Plan {
 
         Ok(Plan {
             rootfs: cstring("root.path", rootfs)?,
-            readonly_root: spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false),
+            readonly_root: spec
+                .root()
+                .as_ref()
+                .and_then(|r| r.readonly())
+                .unwrap_or(false),
             hostname,
             mounts,
             devices,
@@ -389,7 +403,8 @@ impl Plan {
                 .unwrap_or_default()
         };
         let lossy = |v: Option<&CString>| {
-            v.map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+            v.map(|c| c.to_string_lossy().into_owned())
+                .unwrap_or_default()
         };
         match Step::from(report.step) {
             Step::Exec if self.arg0.contains('/') => format!("exec {}: {err}", self.arg0),
@@ -410,11 +425,11 @@ impl Plan {
                 lossy(self.sysctls.get(idx).map(|s| &s.0))
             ),
             Step::Rlimit => format!("set rlimit {}: {err}", idx),
-            Step::Chdir => format!("change to working directory {}: {err}", lossy(Some(&self.cwd))),
-            Step::PivotRoot => format!(
-                "pivot_root into {}: {err}",
-                lossy(Some(&self.rootfs))
+            Step::Chdir => format!(
+                "change to working directory {}: {err}",
+                lossy(Some(&self.cwd))
             ),
+            Step::PivotRoot => format!("pivot_root into {}: {err}", lossy(Some(&self.rootfs))),
             step => format!("{step:?}: {err}"),
         }
     }
@@ -424,8 +439,14 @@ impl Plan {
 fn is_namespaced_sysctl(key: &str) -> bool {
     matches!(
         key,
-        "kernel.msgmax" | "kernel.msgmnb" | "kernel.msgmni" | "kernel.sem" | "kernel.shmall"
-            | "kernel.shmmax" | "kernel.shmmni" | "kernel.shm_rmid_forced"
+        "kernel.msgmax"
+            | "kernel.msgmnb"
+            | "kernel.msgmni"
+            | "kernel.sem"
+            | "kernel.shmall"
+            | "kernel.shmmax"
+            | "kernel.shmmni"
+            | "kernel.shm_rmid_forced"
     ) || key.starts_with("fs.mqueue.")
         || key.starts_with("net.")
 }
@@ -520,7 +541,10 @@ fn default_mounts() -> Vec<Mount> {
 fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
     let mut all: Vec<Mount> = Vec::new();
     for m in default_mounts() {
-        if !spec_mounts.iter().any(|s| s.destination() == m.destination()) {
+        if !spec_mounts
+            .iter()
+            .any(|s| s.destination() == m.destination())
+        {
             all.push(m);
         }
     }
@@ -583,13 +607,20 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
                         "slave" => libc::MS_SLAVE,
                         _ => libc::MS_UNBINDABLE,
                     };
-                    let rec = if opt.starts_with('r') { libc::MS_REC } else { 0 };
+                    let rec = if opt.starts_with('r') {
+                        libc::MS_REC
+                    } else {
+                        0
+                    };
                     propagation = base | rec;
                     (0, 0)
                 }
                 "tmpcopyup" | "idmap" | "ridmap" | "remount" => {
                     return Err(bundle
-                        .invalid(format!("{field}.options"), format!("{opt} is not supported"))
+                        .invalid(
+                            format!("{field}.options"),
+                            format!("{opt} is not supported"),
+                        )
                         .into());
                 }
                 other => {
@@ -644,8 +675,7 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
         };
         // A bind mount takes its flags only from a second, remounting call.
         let remount_flags = (bind
-            && flags & (libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC)
-                != 0)
+            && flags & (libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC) != 0)
             .then_some(
                 libc::MS_BIND
                     | libc::MS_REMOUNT
@@ -666,7 +696,10 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
         let mut prefix = PathBuf::new();
         let comps: Vec<_> = rel.components().collect();
         for comp in &comps {
-            parents.push((cstring("mount", &prefix)?, cstring("mount", comp.as_os_str())?));
+            parents.push((
+                cstring("mount", &prefix)?,
+                cstring("mount", comp.as_os_str())?,
+            ));
             prefix.push(comp.as_os_str());
         }
         ops.push(MountOp {
@@ -675,7 +708,9 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
             parents,
             dest,
             file_target,
-            source: resolved_source.map(|s| cstring("mount source", s)).transpose()?,
+            source: resolved_source
+                .map(|s| cstring("mount source", s))
+                .transpose()?,
             fstype: (!fstype.is_empty())
                 .then(|| cstring("mount type", &fstype))
                 .transpose()?,
@@ -872,7 +907,9 @@ impl Child {
         // SAFETY: writes one byte from a live stack variable to a pipe we own.
         let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         if n != 1 {
-            return Err(os("release the container's init")(std::io::Error::last_os_error()));
+            return Err(os("release the container's init")(
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok((self.pidfd, self.errors))
     }
@@ -904,8 +941,11 @@ fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
 pub fn spawn(plan: &Plan, output: &Output, cgroup_dir: Option<BorrowedFd<'_>>) -> Result<Child> {
     let (go_r, go_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    nix::fcntl::fcntl(&err_r, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-        .map_err(|e| os("configure the error pipe")(e.into()))?;
+    nix::fcntl::fcntl(
+        &err_r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| os("configure the error pipe")(e.into()))?;
     let null = std::fs::File::open("/dev/null").map_err(os("open /dev/null"))?;
     let null = above_stdio(null.into())?;
     let out_fd: RawFd = match output {
@@ -1123,8 +1163,13 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
 
         // Nothing we mount may propagate back to the host.
         let none = std::ptr::null();
-        if libc::mount(none, c"/".as_ptr(), none, libc::MS_REC | libc::MS_PRIVATE, none.cast())
-            != 0
+        if libc::mount(
+            none,
+            c"/".as_ptr(),
+            none,
+            libc::MS_REC | libc::MS_PRIVATE,
+            none.cast(),
+        ) != 0
         {
             fail(fds, Step::Propagation, 0);
         }
@@ -1235,15 +1280,26 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
                     none.cast(),
                 )
             } else {
-                libc::mount(c"/dev/null".as_ptr(), path.as_ptr(), none, libc::MS_BIND, none.cast())
+                libc::mount(
+                    c"/dev/null".as_ptr(),
+                    path.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    none.cast(),
+                )
             };
             if r != 0 {
                 fail(fds, Step::Mask, i);
             }
         }
         for (i, path) in plan.readonly.iter().enumerate() {
-            if libc::mount(path.as_ptr(), path.as_ptr(), none, libc::MS_BIND | libc::MS_REC, none.cast())
-                != 0
+            if libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                none,
+                libc::MS_BIND | libc::MS_REC,
+                none.cast(),
+            ) != 0
             {
                 if *libc::__errno_location() == libc::ENOENT {
                     continue;
@@ -1338,7 +1394,11 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             fail(fds, Step::Stdio, 1);
         }
         // Every descriptor of the runtime beyond stdio closes at exec, whatever its flags.
-        libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int);
+        libc::close_range(
+            3,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        );
 
         let mut argv = [std::ptr::null::<libc::c_char>(); 256];
         let mut envp = [std::ptr::null::<libc::c_char>(); 1024];
