@@ -118,9 +118,12 @@ mod tests {
         let mut log = Log::open(&path, 10);
         log.write(b"0123456789abcdef");
         log.write(b"XYZ");
-        let current = std::fs::read(&path).unwrap();
-        let previous = std::fs::read(path.with_extension("1")).unwrap();
-        assert_eq!(previous, b"abcdef");
-        assert_eq!(current, b"XYZ");
+        let read = |p: &Path| String::from_utf8(std::fs::read(p).unwrap()).unwrap();
+        assert_eq!(read(&path.with_extension("1")), "0123456789");
+        assert_eq!(read(&path), "abcdefXYZ");
+        // The next rotation replaces the previous file: at most twice the cap is kept.
+        log.write(b"0123");
+        assert_eq!(read(&path.with_extension("1")), "abcdefXYZ0");
+        assert_eq!(read(&path), "123");
     }
 }
