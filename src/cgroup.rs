@@ -90,6 +90,9 @@ pub struct Limits {
 pub struct Cgroup {
     /// Path below the hierarchy root, without a leading slash: `silo/web-1`.
     path: String,
+    /// The owned parent (`silo`): directories between it and `path` were made for this
+    /// cgroup and go with it when empty.
+    parent: String,
     layout: Layout,
     group: Group,
 }
@@ -119,15 +122,18 @@ pub fn normalize(path: &str) -> Result<String> {
 }
 
 impl Cgroup {
-    /// Creates the cgroup `path` (relative to the hierarchy root, e.g. `silo/web-1`) with
-    /// `limits`. Fails if it already exists. On any failure, nothing is left behind.
-    pub fn create(path: &str, limits: &Limits) -> Result<Cgroup> {
+    /// Creates the cgroup `rel` below the owned `parent` (both relative to the hierarchy
+    /// root, e.g. `silo` and `web-1`) with `limits`. Fails if it already exists. On any
+    /// failure, nothing is left behind.
+    pub fn create(parent: &str, rel: &str, limits: &Limits) -> Result<Cgroup> {
         let layout = Layout::detect();
-        let path = normalize(path)?;
-        let cgroup = match layout {
+        let parent = normalize(parent)?;
+        let path = normalize(&format!("{parent}/{}", rel.trim_start_matches('/')))?;
+        let mut cgroup = match layout {
             Layout::V2 => create_v2(&path)?,
             Layout::V1 => create_v1(&path)?,
         };
+        cgroup.parent = parent;
         if let Err(e) = cgroup.apply(limits) {
             let _ = cgroup.remove();
             return Err(e);
@@ -136,14 +142,16 @@ impl Cgroup {
         Ok(cgroup)
     }
 
-    /// A handle on an existing cgroup that silo created earlier, for instance before a
-    /// restart.
-    pub fn open(path: &str) -> Result<Cgroup> {
+    /// A handle on an existing cgroup that silo created earlier below `parent`, for
+    /// instance before a restart.
+    pub fn open(parent: &str, rel: &str) -> Result<Cgroup> {
         let layout = Layout::detect();
-        let path = normalize(path)?;
+        let parent = normalize(parent)?;
+        let path = normalize(&format!("{parent}/{}", rel.trim_start_matches('/')))?;
         Ok(Cgroup {
             group: load(layout, &path),
             path,
+            parent,
             layout,
         })
     }
@@ -282,6 +290,17 @@ impl Cgroup {
                 _ => {}
             }
         }
+        // Intermediate directories (from a bundle's nested cgroupsPath) go too once empty;
+        // one still in use by a sibling container answers EBUSY or ENOTEMPTY and stays.
+        let mut path = Path::new(&self.path).parent();
+        while let Some(p) =
+            path.filter(|p| p.starts_with(&self.parent) && *p != Path::new(&self.parent))
+        {
+            for dir in dirs(self.layout, &p.to_string_lossy()) {
+                let _ = fs::remove_dir(dir);
+            }
+            path = p.parent();
+        }
         Ok(())
     }
 
@@ -350,6 +369,7 @@ fn create_v1(path: &str) -> Result<Cgroup> {
     let cgroup = Cgroup {
         group: load(Layout::V1, path),
         path: path.to_string(),
+        parent: path.to_string(),
         layout: Layout::V1,
     };
     for dir in dirs(Layout::V1, path) {
@@ -399,6 +419,7 @@ fn create_v2(path: &str) -> Result<Cgroup> {
     Ok(Cgroup {
         group: load(Layout::V2, path),
         path: path.to_string(),
+        parent: path.to_string(),
         layout: Layout::V2,
     })
 }

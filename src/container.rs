@@ -17,7 +17,7 @@ use tokio::sync::{Mutex, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::bundle::Bundle;
-use crate::cgroup::{self, Cgroup, Limits};
+use crate::cgroup::{Cgroup, Limits};
 pub use crate::monitor::{ExitStatus, Outcome};
 use crate::network::{self, Link};
 use crate::port::TcpPort;
@@ -264,22 +264,21 @@ impl Container {
         let plan = Plan::new(&bundle, &process)?;
         let limits = limits(&bundle, opts.instance)?;
 
-        let cgroup_path = match bundle
+        // A bundle's cgroupsPath is always taken below silo's parent, never from the root:
+        // silo manages only cgroups below the parent it owns.
+        let cgroup_rel = match bundle
             .spec()
             .linux()
             .as_ref()
             .and_then(|l| l.cgroups_path().clone())
         {
-            // The bundle's path is always taken below silo's parent, never from the root:
-            // silo manages only cgroups below the parent it owns.
-            Some(p) => format!("{}/{}", shared.config.cgroup_parent, p.display()),
-            None => format!("{}/{}", shared.config.cgroup_parent, id),
+            Some(p) => p.to_string_lossy().into_owned(),
+            None => id.clone(),
         };
-        let cgroup_path = cgroup::normalize(&cgroup_path)?;
         let cgroup = {
             let limits = limits.clone();
-            let path = cgroup_path.clone();
-            tokio::task::spawn_blocking(move || Cgroup::create(&path, &limits))
+            let parent = shared.config.cgroup_parent.clone();
+            tokio::task::spawn_blocking(move || Cgroup::create(&parent, &cgroup_rel, &limits))
                 .await
                 .expect("cgroup creation does not panic")?
         };

@@ -424,12 +424,14 @@ impl Plan {
                 "set sysctl {}: {err}",
                 lossy(self.sysctls.get(idx).map(|s| &s.0))
             ),
-            Step::Rlimit => format!("set rlimit {}: {err}", idx),
+            Step::Rlimit => format!("set process.rlimits[{idx}]: {err}"),
             Step::Chdir => format!(
                 "change to working directory {}: {err}",
                 lossy(Some(&self.cwd))
             ),
             Step::PivotRoot => format!("pivot_root into {}: {err}", lossy(Some(&self.rootfs))),
+            Step::Capabilities => format!("set capabilities: {err}"),
+            Step::Join => format!("join a namespace given by path: {err}"),
             step => format!("{step:?}: {err}"),
         }
     }
@@ -511,13 +513,24 @@ fn capabilities(bundle: &Bundle) -> Result<Caps> {
         }
         Ok(mask)
     };
-    Ok(Caps {
+    let caps = Caps {
         bounding: to_mask("bounding", spec_caps.bounding())?,
         effective: to_mask("effective", spec_caps.effective())?,
         permitted: to_mask("permitted", spec_caps.permitted())?,
         inheritable: to_mask("inheritable", spec_caps.inheritable())?,
         ambient: to_mask("ambient", spec_caps.ambient())?,
-    })
+    };
+    // The kernel raises an ambient capability only if it is permitted and inheritable.
+    // Bundles written by `runc spec` list ambient ones without inheritable ones; like runc,
+    // silo leaves those out rather than refusing to start.
+    let ambient = caps.ambient & caps.permitted & caps.inheritable;
+    if ambient != caps.ambient {
+        tracing::debug!(
+            dropped = format_args!("{:#x}", caps.ambient & !ambient),
+            "ambient capabilities that are not also permitted and inheritable are left out"
+        );
+    }
+    Ok(Caps { ambient, ..caps })
 }
 
 /// The standard mounts every container gets unless its bundle mounts something at the same
@@ -1265,6 +1278,15 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         }
         libc::close(root);
 
+        // Before the read-only paths, which usually include /proc/sys.
+        for (i, (path, value)) in plan.sysctls.iter().enumerate() {
+            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            let bytes = value.as_bytes();
+            if fd < 0 || libc::write(fd, bytes.as_ptr().cast(), bytes.len()) < 0 {
+                fail(fds, Step::Sysctl, i);
+            }
+            libc::close(fd);
+        }
         for (i, path) in plan.masked.iter().enumerate() {
             // A file is hidden under /dev/null, a directory under an empty read-only tmpfs.
             let mut st: libc::stat = std::mem::zeroed();
@@ -1315,14 +1337,6 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             if libc::mount(path.as_ptr(), path.as_ptr(), none, flags, none.cast()) != 0 {
                 fail(fds, Step::ReadOnly, i);
             }
-        }
-        for (i, (path, value)) in plan.sysctls.iter().enumerate() {
-            let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            let bytes = value.as_bytes();
-            if fd < 0 || libc::write(fd, bytes.as_ptr().cast(), bytes.len()) < 0 {
-                fail(fds, Step::Sysctl, i);
-            }
-            libc::close(fd);
         }
         if plan.readonly_root
             && libc::mount(
