@@ -36,6 +36,11 @@ pub enum Error {
     Exists(String),
     #[error("invalid cgroup path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
+    #[error("cannot limit cgroup {path}: the {controller} controller is not available here")]
+    MissingController {
+        controller: &'static str,
+        path: String,
+    },
     #[error("failed to {what} cgroup {path}: {source}")]
     Io {
         what: &'static str,
@@ -84,6 +89,9 @@ pub struct Limits {
     pub cpu_period_us: Option<u64>,
     pub cpu_shares: Option<u64>,
     pub pids: Option<i64>,
+    /// The pids limit is silo's own default rather than asked for: on a host that does not
+    /// delegate the pids controller it is skipped instead of failing the start.
+    pub pids_is_default: bool,
 }
 
 /// A container's cgroup.
@@ -184,6 +192,20 @@ impl Cgroup {
     }
 
     fn apply(&self, limits: &Limits) -> Result<()> {
+        // cgroups-rs skips limits whose controller the cgroup lacks; silo refuses instead,
+        // so that a container never runs without a limit it was given.
+        let has = |name: &str| self.group.subsystems().iter().any(|s| s.controller_name() == name);
+        let wanted = [
+            ("memory", limits.memory_bytes.is_some() || limits.memory_swap_bytes.is_some()),
+            ("cpu", limits.cpu_quota_us.is_some() || limits.cpu_shares.is_some()),
+            ("pids", limits.pids.is_some() && !limits.pids_is_default),
+        ];
+        if let Some((controller, _)) = wanted.iter().find(|(c, want)| *want && !has(c)) {
+            return Err(Error::MissingController {
+                controller,
+                path: self.path(),
+            });
+        }
         let mut res = Resources::default();
         res.memory.memory_hard_limit = limits.memory_bytes;
         res.memory.memory_soft_limit = limits.memory_reservation_bytes;

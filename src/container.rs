@@ -637,6 +637,7 @@ fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
         .unwrap_or_default();
     let mut limits = Limits {
         pids: Some(DEFAULT_PIDS),
+        pids_is_default: true,
         ..Limits::default()
     };
     if let Some(mem) = res.memory() {
@@ -651,6 +652,7 @@ fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
     }
     if let Some(pids) = res.pids() {
         limits.pids = Some(pids.limit()).filter(|l| *l > 0);
+        limits.pids_is_default = false;
     }
     if let Some(inst) = instance {
         limits.memory_bytes = Some(inst.memory_bytes);
