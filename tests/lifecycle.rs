@@ -358,3 +358,36 @@ async fn output_goes_to_the_log_file() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_container_writing_fast_never_blocks_and_its_log_stays_capped() {
+    const CAP: u64 = 64 * 1024;
+    common::run_with_log_limit("spew", CAP, |h| async move {
+        let c = h.start("spew", &["/bin/testprog", "spew"]).await;
+        let log = c.log_path();
+        let rotated = log.with_extension("1");
+        // Nobody reads the log; the writer keeps going through several rotations.
+        let mut rotations = 0;
+        let mut last = Vec::new();
+        for _ in 0..50 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let now = std::fs::read(&rotated).unwrap_or_default();
+            if !now.is_empty() && now != last {
+                rotations += 1;
+                last = now;
+            }
+            let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+            assert!(
+                size(&log) <= CAP && size(&rotated) <= CAP,
+                "the log outgrew its cap"
+            );
+        }
+        assert!(
+            rotations >= 3,
+            "the container stalled: only {rotations} rotations"
+        );
+        assert!(c.running());
+        c.destroy(None).await.unwrap();
+    })
+    .await;
+}

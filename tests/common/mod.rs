@@ -47,13 +47,16 @@ struct Seen {
     id: String,
     pid: u32,
     host_if: Option<String>,
+    /// `net:[inode]` of the container's network namespace.
+    netns: Option<String>,
 }
 
 impl Harness {
-    fn new(name: &str) -> Harness {
+    fn new(name: &str, log_limit: u64) -> Harness {
         let state = tempfile::tempdir().expect("make a state directory");
         let config = RuntimeConfig {
             state_dir: state.path().join("state"),
+            log_limit,
             ..RuntimeConfig::default()
         };
         Harness {
@@ -97,10 +100,14 @@ impl Harness {
     pub async fn record(&self, c: &Container) {
         let pid = c.pid().expect("running");
         let host_if = c.network_link().await.map(|l| l.host_if);
+        let netns = std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .map(|l| l.to_string_lossy().into_owned());
         self.seen.lock().unwrap().push(Seen {
             id: c.id().to_string(),
             pid,
             host_if,
+            netns,
         });
     }
 
@@ -123,6 +130,15 @@ where
     F: FnOnce(std::sync::Arc<Harness>) -> Fut,
     Fut: Future<Output = ()>,
 {
+    run_with_log_limit(name, RuntimeConfig::default().log_limit, body).await
+}
+
+/// [`run`], with a runtime whose container logs rotate at `log_limit` bytes.
+pub async fn run_with_log_limit<F, Fut>(name: &str, log_limit: u64, body: F)
+where
+    F: FnOnce(std::sync::Arc<Harness>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SILO_LOG")
@@ -131,7 +147,7 @@ where
         .with_test_writer()
         .try_init();
     bundle();
-    let h = std::sync::Arc::new(Harness::new(name));
+    let h = std::sync::Arc::new(Harness::new(name, log_limit));
     let result = std::panic::AssertUnwindSafe(body(h.clone()))
         .catch_unwind()
         .await;
@@ -162,6 +178,25 @@ fn assert_no_leak(s: &Seen) {
             "veth {name} of container {} was left behind",
             s.id
         );
+    }
+    if let Some(netns) = &s.netns {
+        // Nothing holds the namespace any more: no process lives in it, and no descriptor
+        // (the runtime's own included) refers to it.
+        for proc in std::fs::read_dir("/proc").unwrap().flatten() {
+            let ns = proc.path().join("ns/net");
+            if std::fs::read_link(&ns).is_ok_and(|l| l.to_string_lossy() == *netns) {
+                panic!(
+                    "{} still lives in the netns of container {}",
+                    ns.display(),
+                    s.id
+                );
+            }
+        }
+        for fd in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == *netns) {
+                panic!("the runtime still holds the netns of container {}", s.id);
+            }
+        }
     }
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(

@@ -1,0 +1,109 @@
+//! `silo run`: output on the terminal, exit codes, signal forwarding, errors.
+
+mod common;
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+fn silo_run(state: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_silo"))
+        .arg("--state-dir")
+        .arg(state)
+        .arg("run")
+        .arg(common::bundle())
+        .arg("--")
+        .args(args)
+        .output()
+        .expect("run silo")
+}
+
+#[test]
+fn run_streams_output_and_exits_with_the_containers_code() {
+    let state = tempfile::tempdir().unwrap();
+    let out = silo_run(
+        state.path(),
+        &["/bin/sh", "-c", "echo out; echo err >&2; exit 3"],
+    );
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+
+    let out = silo_run(state.path(), &["/bin/testprog", "segv"]);
+    assert_eq!(out.status.code(), Some(139));
+
+    let out = silo_run(state.path(), &["/no/such/entrypoint"]);
+    assert_eq!(out.status.code(), Some(127));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("exec /no/such/entrypoint"), "{stderr}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_silo"))
+        .args(["--state-dir"])
+        .arg(state.path())
+        .args(["run", "/no/such/bundle"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("/no/such/bundle"), "{stderr}");
+}
+
+#[test]
+fn run_forwards_sigint_and_sigterm() {
+    let state = tempfile::tempdir().unwrap();
+    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+        let mut child = KillOnDrop(
+            Command::new(env!("CARGO_BIN_EXE_silo"))
+                .arg("--state-dir")
+                .arg(state.path())
+                .arg("run")
+                .arg(common::bundle())
+                .args(["--", "/bin/testprog", "--on", "USR1=log", "serve", "8080"])
+                .stderr(Stdio::piped())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let child = &mut child.0;
+        // The server announces itself on stderr once it listens.
+        let mut stderr = child.stderr.take().unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("listening") {
+            let n = std::io::Read::read(&mut stderr, &mut buf).unwrap();
+            assert!(
+                n > 0,
+                "silo run ended early: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // SAFETY: kill(2) on the pid of the child this test spawned and has not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "signal was not forwarded"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(code));
+    }
+}
+
+/// Ends the `silo run` this test started if an assertion fails first (SIGTERM is
+/// forwarded, so the container goes with it).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on the pid of our own unreaped child.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+}
