@@ -200,9 +200,6 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
             _ => {}
         }
     }
-    if linux.seccomp().is_some() {
-        return unsupported("linux.seccomp", " yet");
-    }
     if linux.net_devices().is_some() {
         return unsupported("linux.netDevices", "");
     }

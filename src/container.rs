@@ -12,12 +12,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use oci_spec::runtime::{Mount, MountBuilder};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Mutex, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::bundle::Bundle;
 use crate::cgroup::{Cgroup, Limits};
+use crate::firewall::{self, Egress, EgressRule};
 pub use crate::monitor::{ExitStatus, Outcome};
 use crate::network::{self, Link};
 use crate::port::TcpPort;
@@ -99,8 +101,11 @@ pub struct StartOptions {
     pub env: BTreeMap<String, String>,
     /// Replaces the bundle's `process.args` when set.
     pub entrypoint: Option<Vec<String>>,
-    /// Outbound internet access; off by default.
+    /// Outbound internet access through the host's uplink; off by default.
     pub enable_internet: bool,
+    /// With `enable_internet`, the only destinations the container may reach (its
+    /// resolvers on port 53 are added); empty means anywhere.
+    pub egress: Vec<EgressRule>,
     /// CPU and memory limits, over the bundle's own.
     pub instance: Option<Instance>,
     pub stdio: Stdio,
@@ -158,10 +163,11 @@ struct Made {
 impl Made {
     async fn undo(self) {
         // The veth goes first, while the still-living init holds its name (see Run::netns).
-        if let Some(link) = &self.link
-            && let Err(e) = network::detach(link).await
-        {
-            warn!(error = %e, "failed to remove the veth of a failed start");
+        if let Some(link) = &self.link {
+            unconfine(link).await;
+            if let Err(e) = network::detach(link).await {
+                warn!(error = %e, "failed to remove the veth of a failed start");
+            }
         }
         if let Some(pidfd) = &self.pidfd {
             let _ = monitor::send_signal(pidfd.get_ref(), libc::SIGKILL);
@@ -256,12 +262,13 @@ impl Container {
     async fn try_start(&self, opts: &StartOptions, made: &mut Made) -> Result<Life> {
         let id = &self.inner.id;
         let shared = &self.inner.shared;
-        if opts.enable_internet {
-            return Err(Error::Unsupported("enable_internet"));
+        if !opts.enable_internet && !opts.egress.is_empty() {
+            return Err(firewall::Error::EgressWithoutInternet.into());
         }
         let bundle = Bundle::load(&opts.bundle)?;
         let process = process(&bundle, opts)?;
-        let plan = Plan::new(&bundle, &process)?;
+        let (egress, mounts) = self.egress(opts, made)?;
+        let plan = Plan::with_mounts(&bundle, &process, &mounts)?;
         let limits = limits(&bundle, opts.instance)?;
 
         // A bundle's cgroupsPath is always taken below silo's parent, never from the root:
@@ -338,7 +345,18 @@ impl Container {
                 })?;
             let link = network::attach(&shared.config.address_pool, netns_file.as_fd()).await?;
             let addr = IpAddr::V4(link.container_addr);
-            made.link = Some(link);
+            made.link = Some(link.clone());
+            if let Egress::Internet { .. } = egress {
+                network::add_default_route(netns_file.as_fd(), &link).await?;
+            }
+            // Confined before the init is released: it never sends a packet unconfined.
+            let record = tokio::task::spawn_blocking(move || {
+                firewall::apply(&link, &egress)?;
+                firewall::Record::new(&link, pid)
+            })
+            .await
+            .expect("applying the firewall does not panic")?;
+            record.save(&state_dir)?;
             netns = Some(netns_file);
             addr
         } else {
@@ -379,6 +397,65 @@ impl Container {
                 .instrument(info_span!(parent: None, "monitor", container = %id)),
         );
         Ok(life)
+    }
+
+    /// What the container may reach, and the mounts that go with it: with internet, an
+    /// /etc/resolv.conf naming resolvers it can reach, kept in its state directory.
+    fn egress(&self, opts: &StartOptions, made: &mut Made) -> Result<(Egress, Vec<Mount>)> {
+        if !opts.enable_internet {
+            return Ok((Egress::None, Vec::new()));
+        }
+        let config = &self.inner.shared.config;
+        let uplink = match &config.uplink {
+            Some(uplink) => uplink.clone(),
+            None => firewall::default_uplink()?,
+        };
+        let resolvers = match &config.resolvers {
+            Some(resolvers) => resolvers.clone(),
+            None => {
+                let found = firewall::host_resolvers();
+                if found.is_empty() {
+                    warn!(
+                        fallback = ?firewall::FALLBACK_RESOLVERS,
+                        "the host has no nameserver a container can reach; using public ones"
+                    );
+                    firewall::FALLBACK_RESOLVERS.to_vec()
+                } else {
+                    found
+                }
+            }
+        };
+        let mut allow = opts.egress.clone();
+        if !allow.is_empty() {
+            for r in &resolvers {
+                allow.push(EgressRule::new(*r, 32, Some((53, 53)))?);
+            }
+        }
+
+        let id = &self.inner.id;
+        let dir = self.state_dir();
+        let io = |what: String| {
+            let id = id.clone();
+            move |source| Error::Io { id, what, source }
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(io(format!("create state directory {}", dir.display())))?;
+        made.state_dir = Some(dir.clone());
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, firewall::resolv_conf(&resolvers))
+            .map_err(io(format!("write {}", path.display())))?;
+        let mount = MountBuilder::default()
+            .destination("/etc/resolv.conf")
+            .typ("bind")
+            .source(path)
+            .options(
+                ["bind", "ro", "nosuid", "nodev", "noexec"]
+                    .map(String::from)
+                    .to_vec(),
+            )
+            .build()
+            .expect("every field of the mount is set");
+        Ok((Egress::Internet { uplink, allow }, vec![mount]))
     }
 
     /// Delivers signal `sig` (1 to 64) to the init process, with kill(2) semantics.
@@ -532,10 +609,12 @@ impl Run {
         let boot_error = Report::read(self.errors.as_fd()).map(|r| self.plan.describe(&r));
         let oom_killed = self.cgroup.oom_killed();
 
-        if let Some(link) = &self.link
-            && let Err(e) = network::detach(link).await
-        {
-            warn!(error = %e, "failed to remove veth");
+        if let Some(link) = &self.link {
+            unconfine(link).await;
+            match network::detach(link).await {
+                Ok(()) => firewall::Record::delete(&self.container.state_dir()),
+                Err(e) => warn!(error = %e, "failed to remove veth"),
+            }
         }
         drop(self.netns);
         let cgroup = self.cgroup;
@@ -578,6 +657,16 @@ impl Run {
             "container exited"
         );
         inner.state.send_replace(State::Exited(Arc::new(outcome)));
+    }
+}
+
+/// Drops the firewall state of `link`'s host end. A failure is only logged: missing state
+/// means less access, and the next firewall change or runtime start collects what is left.
+async fn unconfine(link: &Link) {
+    let host_if = link.host_if.clone();
+    let removed = tokio::task::spawn_blocking(move || firewall::remove(&host_if)).await;
+    if let Ok(Err(e)) = removed {
+        warn!(error = %e, "failed to remove the container's firewall state");
     }
 }
 

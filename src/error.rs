@@ -1,6 +1,6 @@
 //! The library's error: each module's own error, plus the lifecycle errors of a container.
 
-use crate::{bundle, cgroup, monitor, network, spawn};
+use crate::{bundle, cgroup, firewall, monitor, network, spawn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -12,6 +12,8 @@ pub enum Error {
     Cgroup(#[from] cgroup::Error),
     #[error(transparent)]
     Network(#[from] network::Error),
+    #[error(transparent)]
+    Firewall(#[from] firewall::Error),
     /// The container exited unsuccessfully or was destroyed with a reason.
     #[error(transparent)]
     Exit(#[from] monitor::Exit),

@@ -2,21 +2,26 @@
 //!
 //! The modules follow a container's life: its [`bundle`] is read and checked, [`spawn`]
 //! clones the init process into fresh namespaces, [`cgroup`] bounds it, [`network`] wires a
-//! veth pair into it, [`monitor`] waits for it to exit, and [`port`] talks to it over TCP.
+//! veth pair into it, [`firewall`] confines what it reaches, [`monitor`] waits for it to
+//! exit, and [`port`] talks to it over TCP.
 //! [`Runtime`] and [`Container`] tie these together behind a small actor-like API.
 
 pub mod bundle;
 pub mod cgroup;
 mod container;
+pub mod daemon;
 mod error;
+pub mod firewall;
 mod logs;
 pub mod monitor;
 pub mod network;
 pub mod port;
 mod runtime;
+pub mod seccomp;
 pub mod spawn;
 
 pub use container::{Container, ExitStatus, Instance, Outcome, StartOptions, Stdio};
 pub use error::{Error, Result};
+pub use firewall::EgressRule;
 pub use monitor::Exit;
 pub use runtime::{Runtime, RuntimeConfig};

@@ -28,6 +28,13 @@ struct Cli {
         env = "SILO_CGROUP_PARENT"
     )]
     cgroup_parent: String,
+    /// The interface containers with internet go out of (default: the default route's).
+    #[arg(long, global = true, env = "SILO_UPLINK")]
+    uplink: Option<String>,
+    /// A nameserver for containers with internet; repeat for more (default: the host's
+    /// reachable ones).
+    #[arg(long = "resolver", global = true, value_name = "IPV4")]
+    resolvers: Vec<std::net::Ipv4Addr>,
     #[command(subcommand)]
     command: Command,
 }
@@ -46,11 +53,27 @@ enum Command {
         /// lite, basic, standard-1..4, or cpu=N,memory=SIZE.
         #[arg(long)]
         instance: Option<String>,
+        /// Let the container out to the internet through the uplink.
+        #[arg(long)]
+        internet: bool,
+        /// With --internet, allow only this destination (CIDR[:PORT[-PORT]]); repeatable.
+        #[arg(long, value_name = "CIDR[:PORTS]", requires = "internet")]
+        egress: Vec<silo::EgressRule>,
         /// The OCI bundle directory.
         bundle: PathBuf,
         /// Replaces the bundle's process.args.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Serve the HTTP API (docs/api.md) until SIGTERM or SIGINT, which destroy the
+    /// containers.
+    Serve {
+        /// unix:PATH, or HOST:PORT (beyond loopback only with --token-file).
+        #[arg(long, default_value = silo::daemon::DEFAULT_LISTEN)]
+        listen: silo::daemon::Listen,
+        /// A file holding the bearer token that every request must carry.
+        #[arg(long)]
+        token_file: Option<std::path::PathBuf>,
     },
 }
 
@@ -77,6 +100,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let runtime = Runtime::new(RuntimeConfig {
         state_dir: cli.state_dir,
         cgroup_parent: cli.cgroup_parent,
+        uplink: cli.uplink,
+        resolvers: (!cli.resolvers.is_empty()).then_some(cli.resolvers),
         ..RuntimeConfig::default()
     })?;
     match cli.command {
@@ -84,6 +109,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             id,
             env,
             instance,
+            internet,
+            egress,
             bundle,
             args,
         } => {
@@ -100,14 +127,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 env: vars,
                 entrypoint: (!args.is_empty()).then_some(args),
                 instance: instance.map(|i| i.parse()).transpose()?,
+                enable_internet: internet,
+                egress,
                 stdio: Stdio::Inherit,
-                ..StartOptions::default()
             };
-            let container = runtime.container(&id)?;
-            container.start(opts).await?;
-
+            // Watch the signals before the container exists, so that none that arrives
+            // once it runs can end silo instead of reaching the container.
             let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
             let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
+            let container = runtime.container(&id)?;
+            container.start(opts).await?;
             let result = loop {
                 tokio::select! {
                     r = container.monitor() => break r,
@@ -127,6 +156,16 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Err(silo::Error::Exit(exit)) => Ok(exit.code.clamp(0, 255) as u8),
                 Err(e) => Err(e.into()),
             }
+        }
+        Command::Serve { listen, token_file } => {
+            let config = silo::daemon::Config {
+                listen,
+                state_dir: runtime.config().state_dir.clone(),
+                cgroup_parent: runtime.config().cgroup_parent.clone(),
+                token_file,
+            };
+            silo::daemon::run(config).await?;
+            Ok(0)
         }
     }
 }

@@ -18,7 +18,7 @@ use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth};
 use nix::sched::CloneFlags;
 use rtnetlink::sys::protocols::NETLINK_ROUTE;
 use rtnetlink::sys::{Socket, TokioSocket};
-use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use rtnetlink::{Handle, LinkMessageBuilder, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 /// Name of the container end inside the container's network namespace.
 const CONTAINER_IF: &str = "eth0";
@@ -227,6 +227,28 @@ pub async fn attach(pool: &AddressPool, netns: BorrowedFd<'_>) -> Result<Link> {
         return Ok(link);
     }
     Err(Error::PoolExhausted(pool.to_string()))
+}
+
+/// Gives the container whose network namespace `netns` refers to a default route through
+/// the host end of `link`. Without one (the default), the container reaches only the host
+/// end's /31, and a connect anywhere else fails at once with "network unreachable".
+pub async fn add_default_route(netns: BorrowedFd<'_>, link: &Link) -> Result<()> {
+    let ns = Netlink::in_namespace(netns).await?;
+    let in_ns = format!("the namespace of container address {}", link.container_addr);
+    let index = require_index(&ns.handle, CONTAINER_IF, &in_ns).await?;
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .output_interface(index)
+        .gateway(link.host_addr)
+        .build();
+    ns.handle
+        .route()
+        .add(route)
+        .execute()
+        .await
+        .map_err(|source| Error::Netlink {
+            what: format!("add a default route via {} in {in_ns}", link.host_addr),
+            source,
+        })
 }
 
 /// Removes the veth pair. A pair that is already gone counts as removed.

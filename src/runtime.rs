@@ -1,6 +1,7 @@
 //! The runtime: configuration shared by all containers, and the registry of them by id.
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,13 @@ pub struct RuntimeConfig {
     pub address_pool: AddressPool,
     /// The size at which a container's log file is rotated (at most twice this is kept).
     pub log_limit: u64,
+    /// The interface containers with internet go out of, masqueraded behind its address.
+    /// `None`: the interface of the IPv4 default route when such a container starts.
+    pub uplink: Option<String>,
+    /// The nameservers in the /etc/resolv.conf of containers with internet. `None`: the
+    /// host's own, less those a container cannot reach (loopback, link-local), or public
+    /// ones when none is left.
+    pub resolvers: Option<Vec<Ipv4Addr>>,
 }
 
 impl Default for RuntimeConfig {
@@ -29,6 +37,8 @@ impl Default for RuntimeConfig {
             cgroup_parent: "/silo".into(),
             address_pool: AddressPool::default(),
             log_limit: 8 << 20,
+            uplink: None,
+            resolvers: None,
         }
     }
 }
@@ -44,6 +54,9 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Sets up the runtime. Containers recorded in its state directory whose init is gone
+    /// (the previous runtime stopped without tearing them down) have their veths and
+    /// firewall state removed, as has the firewall state of any other host end that is gone.
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
         crate::cgroup::normalize(&config.cgroup_parent)?;
         std::fs::DirBuilder::new()
@@ -55,6 +68,7 @@ impl Runtime {
                 what: format!("create state directory {}", config.state_dir.display()),
                 source,
             })?;
+        crate::firewall::recover(&config.state_dir);
         Ok(Runtime {
             shared: Arc::new(Shared { config }),
             containers: Mutex::new(HashMap::new()),

@@ -327,14 +327,16 @@ async fn two_containers_run_side_by_side() {
 #[tokio::test]
 async fn many_monitors_see_the_same_outcome() {
     run("watchers", |h| async move {
-        let c = h.start("watched", &["/bin/testprog", "sleep"]).await;
+        let c = h.start("watched", &["/bin/testprog", "serve", "8080"]).await;
+        // Once it answers, its signal handlers are in place: as PID 1 of its namespace it
+        // would not notice SIGINT before that.
+        get(&c, 8080, "/").await;
         let waiters: Vec<_> = (0..8)
             .map(|_| {
                 let c = c.clone();
                 tokio::spawn(async move { exit_code(&c).await })
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
         c.signal(libc::SIGINT).await.unwrap();
         for w in waiters {
             assert_eq!(w.await.unwrap(), 128 + libc::SIGINT);

@@ -207,7 +207,9 @@ impl Listener {
                 if !addr.ip().is_loopback() && !has_token {
                     return Err(Error::TokenRequired(addr));
                 }
-                Ok(Listener::Tcp(TcpListener::bind(addr).await.map_err(tcp_err)?))
+                Ok(Listener::Tcp(
+                    TcpListener::bind(addr).await.map_err(tcp_err)?,
+                ))
             }
         }
     }
@@ -324,7 +326,14 @@ mod tests {
             "[::1]:7070".parse::<Listen>().unwrap(),
             Listen::Tcp("[::1]:7070".into())
         );
-        for bad in ["unix:", "unix:relative.sock", "7070", "host:", ":80", "host:99999"] {
+        for bad in [
+            "unix:",
+            "unix:relative.sock",
+            "7070",
+            "host:",
+            ":80",
+            "host:99999",
+        ] {
             assert!(bad.parse::<Listen>().is_err(), "{bad}");
         }
     }

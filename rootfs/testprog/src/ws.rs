@@ -37,7 +37,8 @@ fn handle(stream: TcpStream) {
         Err(e) => {
             let body = format!("{e}\n");
             let reply = format!(
-                "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                "HTTP/1.1 400 Bad Request\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{body}",
                 body.len()
             );
             let _ = writer.write_all(reply.as_bytes());
@@ -208,7 +209,7 @@ fn sha1(data: &[u8]) -> [u8; 20] {
 
 /// Standard base64 with padding.
 fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
         let b = [
