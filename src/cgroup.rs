@@ -194,10 +194,21 @@ impl Cgroup {
     fn apply(&self, limits: &Limits) -> Result<()> {
         // cgroups-rs skips limits whose controller the cgroup lacks; silo refuses instead,
         // so that a container never runs without a limit it was given.
-        let has = |name: &str| self.group.subsystems().iter().any(|s| s.controller_name() == name);
+        let has = |name: &str| {
+            self.group
+                .subsystems()
+                .iter()
+                .any(|s| s.controller_name() == name)
+        };
         let wanted = [
-            ("memory", limits.memory_bytes.is_some() || limits.memory_swap_bytes.is_some()),
-            ("cpu", limits.cpu_quota_us.is_some() || limits.cpu_shares.is_some()),
+            (
+                "memory",
+                limits.memory_bytes.is_some() || limits.memory_swap_bytes.is_some(),
+            ),
+            (
+                "cpu",
+                limits.cpu_quota_us.is_some() || limits.cpu_shares.is_some(),
+            ),
             ("pids", limits.pids.is_some() && !limits.pids_is_default),
         ];
         if let Some((controller, _)) = wanted.iter().find(|(c, want)| *want && !has(c)) {

@@ -39,14 +39,26 @@ fn containers_run_in_a_v2_cgroup_that_is_removed_after() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let has = |line: &str| stdout.lines().any(|l| l == line);
-    assert!(has("procs=1"), "the init was not in its v2 cgroup:\n{stdout}\n{stderr}");
-    assert!(has("exit=143"), "SIGTERM was not forwarded:\n{stdout}\n{stderr}");
-    assert!(has("cgroup=gone"), "the v2 cgroup was left:\n{stdout}\n{stderr}");
+    assert!(
+        has("procs=1"),
+        "the init was not in its v2 cgroup:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        has("exit=143"),
+        "SIGTERM was not forwarded:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        has("cgroup=gone"),
+        "the v2 cgroup was left:\n{stdout}\n{stderr}"
+    );
     if has("memory=0") {
         // No memory controller is delegated to this hierarchy: a memory limit cannot be
         // applied, and silo must say so rather than run without it.
         assert!(has("lite=125"), "{stdout}\n{stderr}");
-        assert!(stderr.contains("the memory controller is not available"), "{stderr}");
+        assert!(
+            stderr.contains("the memory controller is not available"),
+            "{stderr}"
+        );
     } else {
         assert!(has("lite=0"), "{stdout}\n{stderr}");
     }

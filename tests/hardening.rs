@@ -175,7 +175,11 @@ async fn symlinks_in_the_rootfs_cannot_redirect_mounts_to_the_host() {
         // /dev, a tmpfs of the container's own mount namespace, is gone with it).
         assert!(inside.is_dir());
         let data_inside = root.join(victim_data.strip_prefix("/").unwrap());
-        assert!(data_inside.is_dir(), "{} was not made in the rootfs", data_inside.display());
+        assert!(
+            data_inside.is_dir(),
+            "{} was not made in the rootfs",
+            data_inside.display()
+        );
     })
     .await;
 }

@@ -327,7 +327,9 @@ async fn two_containers_run_side_by_side() {
 #[tokio::test]
 async fn many_monitors_see_the_same_outcome() {
     run("watchers", |h| async move {
-        let c = h.start("watched", &["/bin/testprog", "serve", "8080"]).await;
+        let c = h
+            .start("watched", &["/bin/testprog", "serve", "8080"])
+            .await;
         // Once it answers, its signal handlers are in place: as PID 1 of its namespace it
         // would not notice SIGINT before that.
         get(&c, 8080, "/").await;
