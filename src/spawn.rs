@@ -593,6 +593,26 @@ fn capabilities(bundle: &Bundle) -> Result<Caps> {
         inheritable: to_mask("inheritable", spec_caps.inheritable())?,
         ambient: to_mask("ambient", spec_caps.ambient())?,
     };
+    // A process can only keep capabilities it holds; name the first one silo lacks rather
+    // than let capset fail in the child with a bare EPERM.
+    let own = caps::read(None, caps::CapSet::Permitted).unwrap_or_default();
+    let own_mask = own.iter().fold(0u64, |m, c| m | c.bitmask());
+    for (field, mask) in [("permitted", caps.permitted), ("effective", caps.effective)] {
+        let missing = mask & !own_mask;
+        if missing != 0 {
+            let cap = caps::all()
+                .into_iter()
+                .find(|c| missing & c.bitmask() != 0)
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            return Err(bundle
+                .invalid(
+                    format!("process.capabilities.{field}"),
+                    format!("{cap} is not held by silo itself, so it cannot grant it"),
+                )
+                .into());
+        }
+    }
     // The kernel raises an ambient capability only if it is permitted and inheritable.
     // Bundles written by `runc spec` list ambient ones without inheritable ones; like runc,
     // silo leaves those out rather than refusing to start.

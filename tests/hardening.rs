@@ -274,3 +274,92 @@ async fn a_fake_dev_null_is_not_used_for_masking() {
     })
     .await;
 }
+
+/// Every capability but those whose calls a probe could make dangerous if seccomp let them
+/// through (reboot, modules, clocks): with these, an EPERM can only come from seccomp.
+fn wide_caps() -> Value {
+    let excluded = [
+        "CAP_SYS_BOOT",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_TIME",
+        "CAP_MAC_ADMIN",
+    ];
+    // Only what the test itself holds (root may lack some, CAP_SYS_RESOURCE here).
+    let all: Vec<String> = caps::read(None, caps::CapSet::Permitted)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.to_string())
+        .filter(|name| !excluded.contains(&name.as_str()))
+        .collect();
+    json!({"bounding": all, "effective": all, "permitted": all})
+}
+
+async fn probe(h: &common::Harness, name: &str, cfg: Value, calls: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write_bundle(dir.path(), &cfg);
+    let c = h.container(name);
+    let mut args = vec!["/bin/testprog", "probe"];
+    args.extend_from_slice(calls);
+    let mut opts = h.opts(&args);
+    opts.bundle = dir.path().to_path_buf();
+    c.start(opts).await.unwrap();
+    if let Err(e) = c.monitor().await {
+        panic!("{e}");
+    }
+    std::fs::read_to_string(c.log_path()).unwrap()
+}
+
+#[tokio::test]
+async fn seccomp_blocks_what_capabilities_alone_would_allow() {
+    run("seccomp", |h| async move {
+        let calls = [
+            "mount",
+            "umount2",
+            "pivot_root",
+            "unshare",
+            "setns",
+            "clone_newns",
+            "bpf",
+            "perf_event_open",
+            "keyctl",
+            "add_key",
+            "userfaultfd",
+            "open_by_handle_at",
+            "io_uring_setup",
+            "ioctl_tiocsti",
+            "ioctl_tioclinux",
+            "init_module",
+            "kexec_load",
+            "reboot",
+            "swapon",
+            "clock_settime",
+        ];
+        let mut cfg = demo_config();
+        cfg["root"]["path"] = json!(bundle().join("rootfs"));
+        let out = probe(&h, "default", cfg.clone(), &[]).await;
+        for call in calls {
+            assert!(
+                out.lines().any(|l| l == format!("{call}=EPERM")),
+                "{call}:\n{out}"
+            );
+        }
+
+        cfg["process"]["capabilities"] = wide_caps();
+        let out = probe(&h, "wide", cfg.clone(), &calls[..15]).await;
+        for call in &calls[..15] {
+            assert!(
+                out.lines().any(|l| l == format!("{call}=EPERM")),
+                "{call}:\n{out}"
+            );
+        }
+
+        // The control: with a profile that allows everything, the same probe sees the
+        // calls go through to the kernel, which answers otherwise than EPERM.
+        cfg["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW"});
+        let out = probe(&h, "control", cfg, &["unshare", "bpf", "ioctl_tiocsti"]).await;
+        assert!(out.contains("unshare=ok"), "{out}");
+        assert!(!out.contains("bpf=EPERM"), "{out}");
+        assert!(out.contains("ioctl_tiocsti=ENOTTY"), "{out}");
+    })
+    .await;
+}

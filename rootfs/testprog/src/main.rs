@@ -4,6 +4,7 @@
 //! apply to the whole run. See `USAGE`.
 
 mod net;
+mod probe;
 mod signals;
 mod ws;
 
@@ -32,6 +33,9 @@ Commands run left to right; --on rules may appear anywhere and apply to the whol
   orphans N           leave N orphaned grandchildren behind; nothing is ever reaped
   forkbomb            fork until fork fails, then print the count
   spew                write to stdout as fast as possible, forever
+  probe [NAME]...     try calls a confined container must not make (all, or those
+                      named; takes the rest of the line), with harmless arguments, and
+                      print NAME=ok or NAME=ERRNO for each
 SIG is a number or a name (TERM, SIGTERM, 15). ACTION is exit:N, exit (128+SIG),
 ignore or log (print \"got signal N\" and carry on). Without rules, TERM and INT exit
 with 128+SIG. After serve, echo, ws, alloc, fork, orphans or forkbomb, the process sleeps
@@ -58,6 +62,7 @@ enum Cmd {
     Orphans(u32),
     Forkbomb,
     Spew,
+    Probe,
 }
 
 struct Plan {
@@ -145,6 +150,10 @@ fn parse(words: &[String]) -> Result<Plan, String> {
             "orphans" => Cmd::Orphans(number(word, operand()?)?),
             "forkbomb" => Cmd::Forkbomb,
             "spew" => Cmd::Spew,
+            "probe" => {
+                plan.cmds.push(Cmd::Probe);
+                break;
+            }
             _ => return Err(format!("unknown command {word:?}")),
         };
         plan.cmds.push(cmd);
@@ -173,6 +182,7 @@ fn run(cmd: Cmd, argv: &[String], start: SystemTime) -> Result<(), String> {
         Cmd::Id => unsafe { format!("uid={} gid={}\n", libc::getuid(), libc::getgid()) },
         Cmd::Status => status_text()?,
         Cmd::Fds => fds_text()?,
+        Cmd::Probe => probe::run(argv),
         Cmd::Exit(code) => {
             let _ = out.flush();
             exit(code.into());
