@@ -84,6 +84,10 @@ async fn blocked_calls_fail_and_ordinary_work_succeeds() {
             done
             (exit 7); sh -c 'exit 5'; [ $? = 5 ] && echo fork_exec=ok
             kill %1
+            grep ' /proc ' /proc/self/mountinfo | grep -q 'nosuid,nodev,noexec' \
+                && echo proc=nosuid,nodev,noexec
+            echo "dev=$(ls /dev | tr '\n' ' ')"
+            [ "$(cut -d' ' -f6 /proc/1/stat)" = 1 ] && echo session=own
         "#;
         let (_, out) = sh(&h, "calls", None, script).await;
         for want in [
@@ -98,6 +102,9 @@ async fn blocked_calls_fail_and_ordinary_work_succeeds() {
             "files=ok",
             "hello from silo",
             "fork_exec=ok",
+            "proc=nosuid,nodev,noexec",
+            "dev=fd full mqueue null ptmx pts random shm stderr stdin stdout tty urandom zero ",
+            "session=own",
         ] {
             assert!(
                 out.lines().any(|l| l == want),
