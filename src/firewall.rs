@@ -101,7 +101,7 @@ pub enum Error {
     InvalidEgress { rule: String, reason: String },
     #[error("egress rules need enable_internet: a container without it reaches nothing")]
     EgressWithoutInternet,
-    #[error("the host has no IPv4 default route to use as the uplink: configure the uplink")]
+    #[error("the host has no IPv4 default route to use as the uplink: set one (silo --uplink)")]
     NoUplink,
     #[error("uplink interface {0:?} does not exist")]
     UplinkMissing(String),
@@ -167,7 +167,7 @@ impl EgressRule {
                 return bad(format!("the port range {first}-{last} runs backwards"));
             }
         }
-        if prefix_len >= LINK_LOCAL.1 && covers(LINK_LOCAL, (addr, prefix_len)) {
+        if covers(LINK_LOCAL, (addr, prefix_len)) {
             return bad(format!(
                 "{}/{} (link-local, where metadata services live) is never reachable",
                 LINK_LOCAL.0, LINK_LOCAL.1

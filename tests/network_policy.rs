@@ -255,6 +255,8 @@ impl Lab {
             .expect("run the scenario");
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
+        // Shown with --nocapture, or when the outer test fails.
+        println!("{stdout}{stderr}");
         assert!(
             out.status.success() && stdout.contains("1 passed"),
             "scenario {scenario} failed ({}):\n{stdout}\n{stderr}",
