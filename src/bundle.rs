@@ -225,6 +225,15 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
         return unsupported("linux.rootfsPropagation", " (only private)");
     }
     if let Some(res) = linux.resources() {
+        for (i, rule) in res.devices().iter().flatten().enumerate() {
+            if rule.allow() && !standard_device_rule(rule) {
+                return unsupported(
+                    &format!("linux.resources.devices[{i}]"),
+                    " beyond the standard devices (null, zero, full, random, urandom, tty, \
+                     console, ptmx, pts): a container opens only device nodes silo binds in",
+                );
+            }
+        }
         if res.block_io().is_some() {
             return unsupported("linux.resources.blockIO", "");
         }
@@ -263,6 +272,22 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a device cgroup rule grants no more than silo gives every container anyway:
+/// mknod alone (nodes the container makes cannot be opened), or the standard devices.
+fn standard_device_rule(rule: &oci_spec::runtime::LinuxDeviceCgroup) -> bool {
+    use oci_spec::runtime::LinuxDeviceType as T;
+    let access = rule.access().as_deref().unwrap_or("rwm");
+    if !access.contains('r') && !access.contains('w') {
+        return true;
+    }
+    let char_dev = matches!(rule.typ(), Some(T::C));
+    let standard = matches!(
+        (rule.major(), rule.minor()),
+        (Some(1), Some(3 | 5 | 7 | 8 | 9)) | (Some(5), Some(0..=2)) | (Some(136), _)
+    );
+    char_dev && standard
 }
 
 #[cfg(test)]

@@ -117,6 +117,7 @@ pub(crate) enum State {
     NeverStarted,
     Running {
         pid: u32,
+        address: IpAddr,
     },
     /// The init has exited; its cgroup and network are being torn down.
     Stopping,
@@ -126,7 +127,6 @@ pub(crate) enum State {
 /// One run of the container, from start until its teardown is done.
 struct Life {
     pidfd: Arc<AsyncFd<OwnedFd>>,
-    address: IpAddr,
     link: Option<Link>,
     /// The first reason given to `destroy`.
     reason: Arc<StdMutex<Option<String>>>,
@@ -215,7 +215,7 @@ impl Container {
     /// The init's pid (in the caller's pid namespace) while it runs.
     pub fn pid(&self) -> Option<u32> {
         match *self.inner.state.borrow() {
-            State::Running { pid } => Some(pid),
+            State::Running { pid, .. } => Some(pid),
             _ => None,
         }
     }
@@ -374,7 +374,6 @@ impl Container {
 
         let life = Life {
             pidfd: pidfd.clone(),
-            address,
             link: made.link.clone(),
             reason: Arc::new(StdMutex::new(None)),
         };
@@ -390,7 +389,9 @@ impl Container {
             log_task,
         };
         *made = Made::default();
-        self.inner.state.send_replace(State::Running { pid });
+        self.inner
+            .state
+            .send_replace(State::Running { pid, address });
         info!(pid, %address, "container started");
         tokio::spawn(
             run.supervise()
@@ -567,11 +568,12 @@ impl Container {
             .and_then(|l| l.link.clone())
     }
 
-    /// The address the container's ports answer on, while it runs.
-    pub(crate) async fn address(&self) -> Result<IpAddr> {
-        let life = self.inner.life.lock().await;
-        match life.as_ref() {
-            Some(live) if self.running() => Ok(live.address),
+    /// The address the container's ports answer on, while it runs. Read from the published
+    /// state, so that it answers at once even while a lifecycle call (a long destroy, say)
+    /// holds the container.
+    pub fn address(&self) -> Result<IpAddr> {
+        match *self.inner.state.borrow() {
+            State::Running { address, .. } => Ok(address),
             _ => Err(Error::NotRunning(self.inner.id.clone())),
         }
     }
@@ -637,11 +639,14 @@ impl Run {
             }
         }
 
+        // A destroy that came after the init had already exited by itself did not end
+        // it: the exit is what happened. Only the SIGKILL a destroy sends makes it one.
         let reason = self
             .reason
             .lock()
             .expect("reason lock is never poisoned")
-            .take();
+            .take()
+            .filter(|_| status == ExitStatus::Signal(libc::SIGKILL));
         let outcome = Outcome {
             status,
             oom_killed,

@@ -34,7 +34,7 @@ impl TcpPort {
 
     /// The address this port answers on now.
     pub async fn socket_addr(&self) -> Result<SocketAddr> {
-        Ok(SocketAddr::new(self.container.address().await?, self.port))
+        Ok(SocketAddr::new(self.container.address()?, self.port))
     }
 
     /// Opens a raw byte stream to the port.

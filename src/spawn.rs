@@ -150,14 +150,18 @@ struct MountOp {
     is_dev: bool,
 }
 
-/// A device node made in the container's /dev.
+/// A device in the container's /dev: the host's node, bind-mounted onto an empty file.
+///
+/// The container's /dev and its root are mounted `nodev`, so a node the container makes
+/// itself (it holds CAP_MKNOD, as in Docker's defaults) cannot be opened. Only the nodes
+/// silo binds in from the host work; this takes the place of a device cgroup, and works
+/// the same on cgroup v1 and v2.
 #[derive(Debug)]
 struct Device {
-    path: CString,
-    mode: libc::mode_t,
-    dev: libc::dev_t,
-    uid: libc::uid_t,
-    gid: libc::gid_t,
+    /// The name in the container's /dev.
+    name: CString,
+    /// The host's node.
+    source: CString,
 }
 
 /// Everything the child needs, prepared before the clone so that the child allocates
@@ -477,7 +481,7 @@ impl Plan {
             Step::MountTarget => format!("create mount point {}: {err}", mount(idx)),
             Step::Device => format!(
                 "create device {}: {err}",
-                lossy(self.devices.get(idx).map(|d| &d.path))
+                lossy(self.devices.get(idx).map(|d| &d.name))
             ),
             Step::Mask => format!("mask {}: {err}", lossy(self.masked.get(idx))),
             Step::ReadOnly => format!("make {} read-only: {err}", lossy(self.readonly.get(idx))),
@@ -808,8 +812,13 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
             ));
             prefix.push(comp.as_os_str());
         }
+        let is_dev = dest == Path::new("/dev") && fstype == "tmpfs";
+        if is_dev {
+            // Nodes made there cannot be opened; see Device.
+            flags |= libc::MS_NODEV;
+        }
         ops.push(MountOp {
-            is_dev: dest == Path::new("/dev") && fstype == "tmpfs",
+            is_dev,
             rel: cstring("mount", &rel)?,
             parents,
             dest,
@@ -849,24 +858,47 @@ fn relative(dest: &Path) -> Option<PathBuf> {
     (!out.as_os_str().is_empty()).then_some(out)
 }
 
+/// The standard devices every container gets.
+const STANDARD_DEVICES: &[(&str, u32, u32)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
 fn devices(bundle: &Bundle) -> Result<Vec<Device>> {
-    let dev = |path: &str, major, minor| -> Result<Device> {
-        Ok(Device {
-            path: cstring("device", path)?,
-            mode: libc::S_IFCHR | 0o666,
-            dev: libc::makedev(major, minor),
-            uid: 0,
-            gid: 0,
-        })
+    let host_node = |field: &str, path: &Path, kind, major, minor| -> Result<CString> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let meta = std::fs::metadata(path).map_err(|_| {
+            bundle.invalid(field, format!("the host has no device {}", path.display()))
+        })?;
+        let is_kind = match kind {
+            libc::S_IFBLK => meta.file_type().is_block_device(),
+            _ => meta.file_type().is_char_device(),
+        };
+        if !is_kind || meta.rdev() != libc::makedev(major, minor) {
+            return Err(bundle
+                .invalid(
+                    field,
+                    format!(
+                        "{} on the host is not device {major}:{minor}",
+                        path.display()
+                    ),
+                )
+                .into());
+        }
+        cstring("device", path)
     };
-    let mut out = vec![
-        dev("null", 1, 3)?,
-        dev("zero", 1, 5)?,
-        dev("full", 1, 7)?,
-        dev("random", 1, 8)?,
-        dev("urandom", 1, 9)?,
-        dev("tty", 5, 0)?,
-    ];
+    let mut out = Vec::new();
+    for (name, major, minor) in STANDARD_DEVICES {
+        let source = Path::new("/dev").join(name);
+        out.push(Device {
+            name: cstring("device", name)?,
+            source: host_node("devices", &source, libc::S_IFCHR, *major, *minor)?,
+        });
+    }
     let linux = bundle.spec().linux().clone().unwrap_or_default();
     for (i, d) in linux.devices().iter().flatten().enumerate() {
         let field = format!("linux.devices[{i}]");
@@ -882,21 +914,23 @@ fn devices(bundle: &Bundle) -> Result<Vec<Device>> {
         let kind = match d.typ() {
             T::C | T::U => libc::S_IFCHR,
             T::B => libc::S_IFBLK,
-            T::P => libc::S_IFIFO,
-            T::A => {
+            T::P | T::A => {
                 return Err(bundle
-                    .invalid(format!("{field}.type"), "type a is for cgroup rules only")
+                    .invalid(
+                        format!("{field}.type"),
+                        "only c, u and b devices can be made",
+                    )
                     .into());
             }
         };
+        // The node comes from the host, at the same path: silo makes no nodes of its own.
+        let (major, minor) = (d.major() as u32, d.minor() as u32);
+        let source = host_node(&field, d.path(), kind, major, minor)?;
         let name = rel.file_name().expect("two components").to_os_string();
-        out.retain(|existing| existing.path.as_bytes() != name.as_bytes());
+        out.retain(|existing| existing.name.as_bytes() != name.as_bytes());
         out.push(Device {
-            path: cstring("device", &name)?,
-            mode: kind | d.file_mode().unwrap_or(0o666),
-            dev: libc::makedev(d.major() as u32, d.minor() as u32),
-            uid: d.uid().unwrap_or(0),
-            gid: d.gid().unwrap_or(0),
+            name: cstring("device", &name)?,
+            source,
         });
     }
     Ok(out)
@@ -1304,6 +1338,11 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         {
             fail(fds, Step::BindRoot, 0);
         }
+        // No device nodes on the rootfs: the container could make one there (see Device).
+        let nodev = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NODEV;
+        if libc::mount(none, plan.rootfs.as_ptr(), none, nodev, none.cast()) != 0 {
+            fail(fds, Step::BindRoot, 1);
+        }
         // Opened after the bind, so that it refers to the new mount and not the directory
         // beneath it.
         let root = libc::open(
@@ -1368,7 +1407,10 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
                 fail(fds, Step::Device, 0);
             }
             for (i, dev) in plan.devices.iter().enumerate() {
-                if libc::mknodat(dev_dir, dev.path.as_ptr(), dev.mode, dev.dev) != 0 {
+                let flags = libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY | libc::O_CLOEXEC;
+                let file =
+                    libc::openat(dev_dir, dev.name.as_ptr(), flags | libc::O_NOFOLLOW, 0o666);
+                if file < 0 {
                     // A bundle mount already put something there; it is checked where
                     // silo relies on it.
                     if *libc::__errno_location() == libc::EEXIST {
@@ -1376,10 +1418,19 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
                     }
                     fail(fds, Step::Device, i);
                 }
-                let nofollow = libc::AT_SYMLINK_NOFOLLOW;
-                if libc::fchownat(dev_dir, dev.path.as_ptr(), dev.uid, dev.gid, nofollow) != 0 {
+                let target = FdPath::new(file);
+                let bind = libc::MS_BIND;
+                if libc::mount(
+                    dev.source.as_ptr(),
+                    target.as_ptr(),
+                    none,
+                    bind,
+                    none.cast(),
+                ) != 0
+                {
                     fail(fds, Step::Device, i);
                 }
+                libc::close(file);
             }
             for (target, link) in &plan.dev_links {
                 let r = libc::symlinkat(target.as_ptr(), dev_dir, link.as_ptr());
@@ -1483,7 +1534,7 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
                 none,
                 c"/".as_ptr(),
                 none,
-                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NODEV,
                 none.cast(),
             ) != 0
         {

@@ -114,6 +114,17 @@ async fn bad_bundles_are_refused_by_name() {
         let msg = refused(&h, "sysctl", &b.path()).await;
         assert!(msg.contains("linux.sysctl.kernel.panic"), "{msg}");
 
+        // Granting a device beyond the standard ones cannot be honoured.
+        let mut cfg = demo_config();
+        cfg["linux"]["resources"] = json!({"devices": [
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm"}
+        ]});
+        let b = TestBundle::new(cfg);
+        let msg = refused(&h, "tun", &b.path()).await;
+        assert!(msg.contains("linux.resources.devices[2]"), "{msg}");
+
         let mut cfg = demo_config();
         cfg["process"]["args"] = json!([]);
         let b = TestBundle::new(cfg);

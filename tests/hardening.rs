@@ -370,3 +370,37 @@ async fn seccomp_blocks_what_capabilities_alone_would_allow() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn device_nodes_the_container_makes_cannot_be_opened() {
+    run("devices", |h| async move {
+        // 10:232 is /dev/kvm, 1:1 /dev/mem: made in /dev and on the rootfs, neither opens,
+        // while the standard devices work.
+        let script = r#"
+            echo x > /dev/null && echo null=ok
+            [ "$(head -c 3 /dev/zero | wc -c)" = 3 ] && echo zero=ok
+            head -c 8 /dev/urandom > /dev/null && echo urandom=ok
+            for node in /dev/kvm-made /tmp/mem-made; do
+                mknod "$node" c 10 232 || echo "mknod $node failed"
+                (exec 3< "$node") 2>/dev/null && echo "$node=opened" || echo "$node=refused"
+            done
+        "#;
+        let (code, out) = sh(&h, "mknod", None, script).await;
+        // The node landed in the shared demo rootfs; it goes before anything can fail.
+        let _ = std::fs::remove_file(bundle().join("rootfs/tmp/mem-made"));
+        assert_eq!(code, 0, "{out}");
+        for want in [
+            "null=ok",
+            "zero=ok",
+            "urandom=ok",
+            "/dev/kvm-made=refused",
+            "/tmp/mem-made=refused",
+        ] {
+            assert!(
+                out.lines().any(|l| l == want),
+                "missing {want:?} in:\n{out}"
+            );
+        }
+    })
+    .await;
+}
