@@ -15,12 +15,20 @@ pub enum Error {
     NotADirectory(PathBuf),
     #[error("bundle {0}: config.json is missing")]
     MissingConfig(PathBuf),
-    #[error("{path}: {source}")]
-    Parse {
+    #[error("failed to read {path}: {source}")]
+    Read {
         path: PathBuf,
         #[source]
-        source: oci_spec::OciSpecError,
+        source: std::io::Error,
     },
+    #[error("{path}: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path}: unknown field {field}")]
+    Unknown { path: PathBuf, field: String },
     #[error("{path}: field {field} is required")]
     Missing { path: PathBuf, field: &'static str },
     #[error("{path}: field {field}: {reason}")]
@@ -65,10 +73,29 @@ impl Bundle {
         if !config_path.is_file() {
             return Err(Error::MissingConfig(dir));
         }
-        let spec = Spec::load(&config_path).map_err(|source| Error::Parse {
+        let text = std::fs::read(&config_path).map_err(|source| Error::Read {
             path: config_path.clone(),
             source,
         })?;
+        // serde_json's own errors say where (line and column) and what (the field).
+        let spec: Spec = serde_json::from_slice(&text).map_err(|source| Error::Json {
+            path: config_path.clone(),
+            source,
+        })?;
+        let raw: serde_json::Value =
+            serde_json::from_slice(&text).map_err(|source| Error::Json {
+                path: config_path.clone(),
+                source,
+            })?;
+        // Keys that oci-spec does not know (a misspelt "readOnly", say) would otherwise be
+        // dropped without a word; what survives a round trip is what it understood.
+        let known = serde_json::to_value(&spec).unwrap_or_default();
+        if let Some(field) = unknown_field(&raw, &known, "") {
+            return Err(Error::Unknown {
+                path: config_path,
+                field,
+            });
+        }
         check(&spec, &config_path)?;
 
         let root = spec.root().as_ref().ok_or(Error::Missing {
@@ -274,6 +301,31 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The first key of `raw` (a non-null value) that `known` does not have, as a JSON path.
+fn unknown_field(raw: &serde_json::Value, known: &serde_json::Value, at: &str) -> Option<String> {
+    use serde_json::Value;
+    match (raw, known) {
+        (Value::Object(raw), Value::Object(known)) => raw.iter().find_map(|(key, value)| {
+            let path = if at.is_empty() {
+                key.clone()
+            } else {
+                format!("{at}.{key}")
+            };
+            match known.get(key) {
+                None if !value.is_null() => Some(path),
+                None => None,
+                Some(k) => unknown_field(value, k, &path),
+            }
+        }),
+        (Value::Array(raw), Value::Array(known)) => raw
+            .iter()
+            .zip(known)
+            .enumerate()
+            .find_map(|(i, (r, k))| unknown_field(r, k, &format!("{at}[{i}]"))),
+        _ => None,
+    }
+}
+
 /// Whether a device cgroup rule grants no more than silo gives every container anyway:
 /// mknod alone (nodes the container makes cannot be opened), or the standard devices.
 fn standard_device_rule(rule: &oci_spec::runtime::LinuxDeviceCgroup) -> bool {
@@ -341,6 +393,22 @@ mod tests {
         let (_dir, err) = bundle_with(&cfg);
         let msg = err.unwrap_err().to_string();
         assert!(msg.contains("process.args"), "{msg}");
+    }
+
+    #[test]
+    fn misspelt_fields_are_named() {
+        let cfg = MINIMAL.replace(r#""path":"rootfs""#, r#""path":"rootfs","readOnly":true"#);
+        let (_dir, err) = bundle_with(&cfg);
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("unknown field root.readOnly"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_types_say_where() {
+        let cfg = MINIMAL.replace(r#""uid":0"#, r#""uid":"zero""#);
+        let (_dir, err) = bundle_with(&cfg);
+        let msg = err.unwrap_err().to_string();
+        assert!(msg.contains("line") && msg.contains("column"), "{msg}");
     }
 
     #[test]

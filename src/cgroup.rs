@@ -34,6 +34,8 @@ const V2_CONTROLLERS: &[&str] = &["cpu", "memory", "pids"];
 pub enum Error {
     #[error("cgroup {0} already exists; silo only uses cgroups it creates")]
     Exists(String),
+    #[error("cgroup {path} would be inside {ancestor}, which holds processes")]
+    Occupied { path: String, ancestor: String },
     #[error("invalid cgroup path {path:?}: {reason}")]
     InvalidPath { path: String, reason: &'static str },
     #[error("cannot limit cgroup {path}: the {controller} controller is not available here")]
@@ -137,6 +139,22 @@ impl Cgroup {
         let layout = Layout::detect();
         let parent = normalize(parent)?;
         let path = normalize(&format!("{parent}/{}", rel.trim_start_matches('/')))?;
+        // Below another container's cgroup the new one would share its limits and keep it
+        // from being removed: only empty directories may stand between.
+        let mut ancestor = Path::new(&path).parent();
+        while let Some(dir) = ancestor.filter(|d| *d != Path::new(&parent)) {
+            let dir_str = dir.to_string_lossy();
+            let busy = dirs(layout, &dir_str).iter().any(|d| {
+                fs::read_to_string(d.join("cgroup.procs")).is_ok_and(|p| !p.trim().is_empty())
+            });
+            if busy {
+                return Err(Error::Occupied {
+                    path: format!("/{path}"),
+                    ancestor: format!("/{dir_str}"),
+                });
+            }
+            ancestor = dir.parent();
+        }
         let mut cgroup = match layout {
             Layout::V2 => create_v2(&path)?,
             Layout::V1 => create_v1(&path)?,

@@ -117,7 +117,8 @@ pub(crate) enum State {
     NeverStarted,
     Running {
         pid: u32,
-        address: IpAddr,
+        /// None when the container joined a network namespace silo does not manage.
+        address: Option<IpAddr>,
     },
     /// The init has exited; its cgroup and network are being torn down.
     Stopping,
@@ -358,9 +359,13 @@ impl Container {
             .expect("applying the firewall does not panic")?;
             record.save(&state_dir)?;
             netns = Some(netns_file);
-            addr
+            Some(addr)
+        } else if plan.joins_network() {
+            None
         } else {
-            IpAddr::V4(Ipv4Addr::LOCALHOST)
+            // No network namespace at all: the container shares the host's network, and
+            // its ports are the host's.
+            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
         };
 
         let log_task = log_reader.map(|r| {
@@ -392,7 +397,7 @@ impl Container {
         self.inner
             .state
             .send_replace(State::Running { pid, address });
-        info!(pid, %address, "container started");
+        info!(pid, ?address, "container started");
         tokio::spawn(
             run.supervise()
                 .instrument(info_span!(parent: None, "monitor", container = %id)),
@@ -573,7 +578,13 @@ impl Container {
     /// holds the container.
     pub fn address(&self) -> Result<IpAddr> {
         match *self.inner.state.borrow() {
-            State::Running { address, .. } => Ok(address),
+            State::Running {
+                address: Some(address),
+                ..
+            } => Ok(address),
+            State::Running { address: None, .. } => {
+                Err(Error::ForeignNetwork(self.inner.id.clone()))
+            }
             _ => Err(Error::NotRunning(self.inner.id.clone())),
         }
     }

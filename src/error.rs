@@ -37,6 +37,11 @@ pub enum Error {
     InvalidInstance(String),
     #[error("{0} is not supported yet")]
     Unsupported(&'static str),
+    #[error(
+        "container {0} joined a network namespace that silo does not manage: reach its ports \
+         through that network"
+    )]
+    ForeignNetwork(String),
     #[error("container {id} is not listening on TCP port {port}")]
     NotListening { id: String, port: u16 },
     #[error("failed to {what} for container {id}: {source}")]

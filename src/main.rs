@@ -42,7 +42,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a container in the foreground and exit with its exit code (128+n after signal
-    /// n). SIGINT and SIGTERM are forwarded to it.
+    /// n). SIGINT, SIGTERM and SIGHUP are forwarded to it; a second SIGINT or SIGTERM
+    /// destroys it.
     Run {
         /// Container id (default: run-PID).
         #[arg(long)]
@@ -135,14 +136,27 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             // once it runs can end silo instead of reaching the container.
             let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
             let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
+            let mut hup = signal(SignalKind::hangup()).context("watch SIGHUP")?;
             let container = runtime.container(&id)?;
             container.start(opts).await?;
+            // The first SIGINT or SIGTERM is the container's to handle; it may ignore it
+            // (a PID 1 without a handler does), so a second one destroys it.
+            let mut asked = false;
             let result = loop {
-                tokio::select! {
+                let sig = tokio::select! {
                     r = container.monitor() => break r,
-                    _ = term.recv() => container.signal(libc::SIGTERM).await.ok(),
-                    _ = int.recv() => container.signal(libc::SIGINT).await.ok(),
+                    _ = term.recv() => libc::SIGTERM,
+                    _ = int.recv() => libc::SIGINT,
+                    _ = hup.recv() => libc::SIGHUP,
                 };
+                if asked && sig != libc::SIGHUP {
+                    eprintln!("silo: signal {sig} again: destroying container {id}");
+                    let reason = format!("destroyed after signal {sig} was sent twice");
+                    container.destroy(Some(reason)).await?;
+                } else {
+                    asked |= sig != libc::SIGHUP;
+                    let _ = container.signal(sig).await;
+                }
             };
             let outcome = container.outcome();
             tracing::debug!(?outcome, "run finished");

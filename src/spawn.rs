@@ -179,6 +179,8 @@ pub struct Plan {
     masked: Vec<CString>,
     readonly: Vec<CString>,
     sysctls: Vec<(CString, CString)>,
+    /// Written to /proc/self/oom_score_adj, when the bundle sets it.
+    oom_score_adj: Option<CString>,
     rlimits: Vec<(libc::c_int, libc::rlimit)>,
     uid: libc::uid_t,
     gid: libc::gid_t,
@@ -193,8 +195,15 @@ pub struct Plan {
     exec_candidates: Vec<CString>,
     /// The runtime's own binary (device, inode), which the container must never run.
     runtime_exe: (u64, u64),
+    /// Owns the bytes `argv_ptrs` and `envp_ptrs` point into.
+    #[allow(dead_code)]
     argv: Vec<CString>,
+    #[allow(dead_code)]
     envp: Vec<CString>,
+    /// NULL-terminated arrays of pointers into `argv` and `envp`, for execve. Kept as
+    /// addresses so the plan stays Send; a CString's bytes never move when it does.
+    argv_ptrs: Vec<usize>,
+    envp_ptrs: Vec<usize>,
     clone_flags: u64,
     unshare_cgroup: bool,
     /// Namespaces joined by path: (fd, CLONE_NEW* type).
@@ -261,6 +270,11 @@ impl Plan {
                 if !has_uts_ns {
                     return Err(bundle
                         .invalid("hostname", "setting it requires a uts namespace")
+                        .into());
+                }
+                if h.len() > 64 {
+                    return Err(bundle
+                        .invalid("hostname", "longer than the kernel's 64 bytes")
                         .into());
                 }
                 Some(cstring("hostname", h)?)
@@ -399,6 +413,17 @@ impl Plan {
             other => Error::Seccomp(other),
         })?;
 
+        let argv: Vec<CString> = process
+            .args
+            .iter()
+            .map(|a| cstring("process.args", a))
+            .collect::<Result<_>>()?;
+        let envp: Vec<CString> = process
+            .env
+            .iter()
+            .map(|e| cstring("process.env", e))
+            .collect::<Result<_>>()?;
+
         Ok(Plan {
             seccomp,
             rootfs: cstring("root.path", rootfs)?,
@@ -415,6 +440,10 @@ impl Plan {
             masked,
             readonly,
             sysctls,
+            oom_score_adj: proc_spec
+                .oom_score_adj()
+                .map(|v| cstring("process.oomScoreAdj", v.to_string()))
+                .transpose()?,
             rlimits,
             uid: user.uid(),
             gid: user.gid(),
@@ -428,16 +457,10 @@ impl Plan {
             no_new_privs: proc_spec.no_new_privileges().unwrap_or(true),
             exec_candidates,
             runtime_exe: runtime_exe()?,
-            argv: process
-                .args
-                .iter()
-                .map(|a| cstring("process.args", a))
-                .collect::<Result<_>>()?,
-            envp: process
-                .env
-                .iter()
-                .map(|e| cstring("process.env", e))
-                .collect::<Result<_>>()?,
+            argv_ptrs: pointers(&argv),
+            envp_ptrs: pointers(&envp),
+            argv,
+            envp,
             clone_flags,
             unshare_cgroup,
             joins,
@@ -449,6 +472,12 @@ impl Plan {
     /// Whether the container gets a network namespace of its own (and so a veth pair).
     pub fn new_network(&self) -> bool {
         self.clone_flags & libc::CLONE_NEWNET as u64 != 0
+    }
+
+    /// Whether the container joins a network namespace given by path (one that CNI or
+    /// Podman manages), whose addresses silo does not know.
+    pub fn joins_network(&self) -> bool {
+        self.joins.iter().any(|(_, t)| *t == libc::CLONE_NEWNET)
     }
 
     /// Whether the container has a pid namespace of its own, so that killing its init kills
@@ -498,6 +527,7 @@ impl Plan {
             Step::Capabilities => format!("set capabilities: {err}"),
             Step::Seccomp => format!("install seccomp filter {idx}: {err}"),
             Step::NullDevice => format!("check /dev/null before masking paths: {err}"),
+            Step::OomScoreAdj => format!("set process.oomScoreAdj: {err}"),
             Step::RuntimeExe => format!(
                 "exec {}: refusing to run the runtime's own binary in the container",
                 self.arg0
@@ -506,6 +536,15 @@ impl Plan {
             step => format!("{step:?}: {err}"),
         }
     }
+}
+
+/// The addresses of `strings`' bytes, NULL-terminated, as execve takes them.
+fn pointers(strings: &[CString]) -> Vec<usize> {
+    strings
+        .iter()
+        .map(|s| s.as_ptr() as usize)
+        .chain(std::iter::once(0))
+        .collect()
 }
 
 fn runtime_exe() -> Result<(u64, u64)> {
@@ -999,11 +1038,12 @@ pub enum Step {
     Seccomp,
     NullDevice,
     RuntimeExe,
+    OomScoreAdj,
 }
 
 impl From<u32> for Step {
     fn from(n: u32) -> Step {
-        const ALL: [Step; 29] = [
+        const ALL: [Step; 30] = [
             Step::Unknown,
             Step::Wait,
             Step::Join,
@@ -1033,6 +1073,7 @@ impl From<u32> for Step {
             Step::Seccomp,
             Step::NullDevice,
             Step::RuntimeExe,
+            Step::OomScoreAdj,
         ];
         ALL.get(n as usize).copied().unwrap_or(Step::Unknown)
     }
@@ -1452,6 +1493,17 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         }
         libc::close(root);
 
+        if let Some(adj) = &plan.oom_score_adj {
+            let fd = libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            let bytes = adj.as_bytes();
+            if fd < 0 || libc::write(fd, bytes.as_ptr().cast(), bytes.len()) < 0 {
+                fail(fds, Step::OomScoreAdj, 0);
+            }
+            libc::close(fd);
+        }
         // Before the read-only paths, which usually include /proc/sys.
         for (i, (path, value)) in plan.sysctls.iter().enumerate() {
             let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -1620,18 +1672,8 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             install_seccomp(plan, fds);
         }
 
-        let mut argv = [std::ptr::null::<libc::c_char>(); 256];
-        let mut envp = [std::ptr::null::<libc::c_char>(); 1024];
-        if plan.argv.len() >= argv.len() || plan.envp.len() >= envp.len() {
-            *libc::__errno_location() = libc::E2BIG;
-            fail(fds, Step::Exec, 0);
-        }
-        for (slot, arg) in argv.iter_mut().zip(&plan.argv) {
-            *slot = arg.as_ptr();
-        }
-        for (slot, var) in envp.iter_mut().zip(&plan.envp) {
-            *slot = var.as_ptr();
-        }
+        let argv = plan.argv_ptrs.as_ptr() as *const *const libc::c_char;
+        let envp = plan.envp_ptrs.as_ptr() as *const *const libc::c_char;
         // A PATH search like execvp's: skip entries that do not exist, remember EACCES.
         let mut saw_eacces = false;
         for path in &plan.exec_candidates {
@@ -1642,7 +1684,7 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
                 *libc::__errno_location() = libc::EACCES;
                 fail(fds, Step::RuntimeExe, 0);
             }
-            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::execve(path.as_ptr(), argv, envp);
             match *libc::__errno_location() {
                 libc::ENOENT | libc::ENOTDIR => {}
                 libc::EACCES => saw_eacces = true,
@@ -1834,7 +1876,7 @@ mod tests {
 
     #[test]
     fn steps_round_trip() {
-        for n in 0..29u32 {
+        for n in 0..30u32 {
             assert_eq!(Step::from(n) as u32, n);
         }
     }

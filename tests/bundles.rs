@@ -298,3 +298,101 @@ async fn limits_reach_the_cgroup_and_oom_is_reported() {
     })
     .await;
 }
+
+/// A network namespace of the test's own, deleted when dropped.
+struct NetNs(String);
+
+impl NetNs {
+    fn new(name: &str) -> NetNs {
+        let status = std::process::Command::new("ip")
+            .args(["netns", "add", name])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip netns add {name}");
+        NetNs(name.to_string())
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_joined_network_namespace_is_used_as_is() {
+    run("joinnet", |h| async move {
+        let ns = NetNs::new(&format!("silo-test-{}", std::process::id()));
+        let mut cfg = demo_config();
+        cfg["root"]["path"] = json!(bundle().join("rootfs"));
+        for n in cfg["linux"]["namespaces"].as_array_mut().unwrap() {
+            if n["type"] == json!("network") {
+                n["path"] = json!(format!("/var/run/netns/{}", ns.0));
+            }
+        }
+        let b = TestBundle::new(cfg);
+        let c = h.container("joined");
+        let mut opts = h.opts(&["/bin/sh", "-c", "ip -o link | cut -d: -f2; sleep 5"]);
+        opts.bundle = b.path();
+        c.start(opts).await.unwrap();
+        // silo made no veth for it, and will not guess an address for its ports.
+        assert!(c.network_link().await.is_none());
+        let err = c.tcp_port(8080).unwrap().connect().await.unwrap_err();
+        assert!(matches!(err, Error::ForeignNetwork(_)), "{err}");
+        // Inside, it sees the namespace it joined: loopback only, no eth0 of silo's.
+        let mut out = String::new();
+        for _ in 0..100 {
+            out = std::fs::read_to_string(c.log_path()).unwrap_or_default();
+            if out.contains("lo") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["lo"], "{out}");
+        c.destroy(None).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cgroups_path_inside_another_container_is_refused() {
+    run("nested", |h| async move {
+        let outer = h.start("outer", &["/bin/testprog", "sleep"]).await;
+        let mut cfg = demo_config();
+        cfg["root"]["path"] = json!(bundle().join("rootfs"));
+        cfg["linux"]["cgroupsPath"] = json!(format!("{}/inner", outer.id()));
+        let b = TestBundle::new(cfg);
+        let msg = refused(&h, "inner", &b.path()).await;
+        assert!(msg.contains("holds processes"), "{msg}");
+        // The outer container is untouched and goes as usual.
+        assert!(outer.running());
+        outer.destroy(None).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn oom_score_adj_and_hostname_are_honoured() {
+    run("procopts", |h| async move {
+        let mut cfg = demo_config();
+        cfg["root"]["path"] = json!(bundle().join("rootfs"));
+        cfg["process"]["oomScoreAdj"] = json!(500);
+        cfg["hostname"] = json!("tenant-7");
+        let b = TestBundle::new(cfg.clone());
+        let c = h.container("adj");
+        let mut opts = h.opts(&["/bin/sh", "-c", "cat /proc/self/oom_score_adj; hostname"]);
+        opts.bundle = b.path();
+        c.start(opts).await.unwrap();
+        c.monitor().await.unwrap();
+        let out = std::fs::read_to_string(c.log_path()).unwrap();
+        assert_eq!(out, "500\ntenant-7\n");
+
+        cfg["hostname"] = json!("x".repeat(65));
+        let b = TestBundle::new(cfg);
+        let msg = refused(&h, "longname", &b.path()).await;
+        assert!(msg.contains("hostname") && msg.contains("64"), "{msg}");
+    })
+    .await;
+}

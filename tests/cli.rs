@@ -50,14 +50,22 @@ fn run_streams_output_and_exits_with_the_containers_code() {
 #[test]
 fn run_forwards_sigint_and_sigterm() {
     let state = tempfile::tempdir().unwrap();
-    for (sig, code) in [(libc::SIGINT, 130), (libc::SIGTERM, 143)] {
+    // The last case ignores the signal, so only the second one ends it (by destroy).
+    let cases: [(i32, &[&str], usize, i32); 3] = [
+        (libc::SIGINT, &[], 1, 130),
+        (libc::SIGTERM, &[], 1, 143),
+        (libc::SIGTERM, &["--on", "TERM=ignore"], 2, 137),
+    ];
+    for (sig, rules, times, code) in cases {
         let mut child = KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_silo"))
                 .arg("--state-dir")
                 .arg(state.path())
                 .arg("run")
                 .arg(common::bundle())
-                .args(["--", "/bin/testprog", "--on", "USR1=log", "serve", "8080"])
+                .args(["--", "/bin/testprog", "--on", "USR1=log"])
+                .args(rules)
+                .args(["serve", "8080"])
                 .stderr(Stdio::piped())
                 .stdout(Stdio::null())
                 .spawn()
@@ -77,8 +85,11 @@ fn run_forwards_sigint_and_sigterm() {
             );
             seen.extend_from_slice(&buf[..n]);
         }
-        // SAFETY: kill(2) on the pid of the child this test spawned and has not reaped.
-        unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+        for _ in 0..times {
+            // SAFETY: kill(2) on the pid of the child this test spawned and has not reaped.
+            unsafe { libc::kill(child.id() as libc::pid_t, sig) };
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let started = std::time::Instant::now();
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
