@@ -21,11 +21,8 @@ async fn main() -> anyhow::Result<()> {
         ..StartOptions::default()
     };
     container.start(opts).await?;
-    println!(
-        "started container {} (pid {:?})",
-        container.id(),
-        container.pid()
-    );
+    let pid = container.pid().map_or("?".into(), |p| p.to_string());
+    println!("started container {} (pid {pid})", container.id());
 
     let result = talk(&container).await;
     if result.is_err() {
@@ -37,7 +34,7 @@ async fn main() -> anyhow::Result<()> {
     println!("sent SIGTERM");
     match container.monitor().await {
         Ok(()) => println!("monitor: exited cleanly"),
-        Err(silo::Error::Exit(exit)) => println!("monitor: {exit} (code {})", exit.code),
+        Err(silo::Error::Exit(exit)) => println!("monitor: {exit}"),
         Err(e) => return Err(e.into()),
     }
     container.destroy(None).await?;
