@@ -250,7 +250,7 @@ impl Container {
                     Ok(())
                 }
                 Err(e) => {
-                    warn!(error = %e, "start failed");
+                    debug!(error = %e, "start failed");
                     made.undo().await;
                     Err(e)
                 }

@@ -75,61 +75,74 @@ async fn bad_bundles_are_refused_by_name() {
         let msg = refused(&h, "badjson", bad.path()).await;
         assert!(msg.contains("config.json"), "{msg}");
 
-        let mut cfg = demo_config();
-        cfg["root"]["path"] = json!("/nonexistent/rootfs");
-        let b = TestBundle::new(cfg);
-        let msg = refused(&h, "norootfs", &b.path()).await;
-        assert!(
-            msg.contains("/nonexistent/rootfs") && msg.contains("config.json"),
-            "{msg}"
-        );
-
-        let mut cfg = demo_config();
-        cfg["linux"]["intelRdt"] = json!({"closID": "x"});
-        let b = TestBundle::new(cfg);
-        let msg = refused(&h, "unsupported", &b.path()).await;
-        assert!(
-            msg.contains("field linux.intelRdt is not supported"),
-            "{msg}"
-        );
-
-        let mut cfg = demo_config();
-        cfg["mounts"] = json!([{"destination": "/../../etc", "type": "tmpfs", "source": "x"}]);
-        let b = TestBundle::new(cfg);
-        let msg = refused(&h, "climb", &b.path()).await;
-        assert!(msg.contains("climbs out of the root filesystem"), "{msg}");
-
-        let mut cfg = demo_config();
-        cfg["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": u64::MAX, "soft": 1}]);
-        let b = TestBundle::new(cfg);
-        let msg = refused(&h, "rlimit", &b.path()).await;
-        assert!(
-            msg.contains("process.rlimits[0]") && msg.contains("hard limit"),
-            "{msg}"
-        );
-
-        let mut cfg = demo_config();
-        cfg["linux"]["sysctl"] = json!({"kernel.panic": "1"});
-        let b = TestBundle::new(cfg);
-        let msg = refused(&h, "sysctl", &b.path()).await;
-        assert!(msg.contains("linux.sysctl.kernel.panic"), "{msg}");
-
-        // Granting a device beyond the standard ones cannot be honoured.
-        let mut cfg = demo_config();
-        cfg["linux"]["resources"] = json!({"devices": [
-            {"allow": false, "access": "rwm"},
-            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
-            {"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm"}
-        ]});
-        let b = TestBundle::new(cfg);
-        let msg = refused(&h, "tun", &b.path()).await;
-        assert!(msg.contains("linux.resources.devices[2]"), "{msg}");
-
-        let mut cfg = demo_config();
-        cfg["process"]["args"] = json!([]);
-        let b = TestBundle::new(cfg);
-        let msg = refused(&h, "noargs", &b.path()).await;
-        assert!(msg.contains("process.args"), "{msg}");
+        // Each: a change to the demo config, and what the error must name.
+        type Change = fn(&mut Value);
+        let cases: &[(&str, Change, &[&str])] = &[
+            (
+                "norootfs",
+                |c| c["root"]["path"] = json!("/nonexistent/rootfs"),
+                &["/nonexistent/rootfs", "config.json"],
+            ),
+            (
+                "unsupported",
+                |c| c["linux"]["intelRdt"] = json!({"closID": "x"}),
+                &["field linux.intelRdt is not supported"],
+            ),
+            (
+                "misspelt",
+                |c| c["root"]["readOnly"] = json!(true),
+                &["unknown field root.readOnly"],
+            ),
+            (
+                "badtype",
+                |c| c["process"]["user"]["uid"] = json!("root"),
+                &["config.json", "line", "column"],
+            ),
+            (
+                "climb",
+                |c| c["mounts"] = json!([{"destination": "/../../etc", "type": "tmpfs"}]),
+                &["climbs out of the root filesystem"],
+            ),
+            (
+                "rlimit",
+                |c| {
+                    c["process"]["rlimits"] =
+                        json!([{"type": "RLIMIT_NOFILE", "hard": u64::MAX, "soft": 1}])
+                },
+                &["process.rlimits[0]", "hard limit"],
+            ),
+            (
+                "sysctl",
+                |c| c["linux"]["sysctl"] = json!({"kernel.panic": "1"}),
+                &["linux.sysctl.kernel.panic"],
+            ),
+            (
+                // Granting a device beyond the standard ones cannot be honoured.
+                "tun",
+                |c| {
+                    c["linux"]["resources"] = json!({"devices": [
+                        {"allow": false, "access": "rwm"},
+                        {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+                        {"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm"}
+                    ]})
+                },
+                &["linux.resources.devices[2]"],
+            ),
+            (
+                "noargs",
+                |c| c["process"]["args"] = json!([]),
+                &["process.args"],
+            ),
+        ];
+        for (name, change, wanted) in cases {
+            let mut cfg = demo_config();
+            change(&mut cfg);
+            let b = TestBundle::new(cfg);
+            let msg = refused(&h, name, &b.path()).await;
+            for want in *wanted {
+                assert!(msg.contains(want), "{name}: {want:?} not in {msg:?}");
+            }
+        }
     })
     .await;
 }
