@@ -1253,6 +1253,7 @@ unsafe fn fail(fds: &ChildFds, step: Step, index: usize) -> ! {
 /// # Safety
 /// `rel` must be a valid C string.
 unsafe fn open_in_root(root: RawFd, rel: &CString, flags: u64) -> RawFd {
+    // SAFETY: open_how is plain data; all-zero is its documented default.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = flags | libc::O_CLOEXEC as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
