@@ -91,7 +91,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("silo: {e:#}");
+            say(format_args!("silo: {e:#}"));
             ExitCode::from(125)
         }
     }
@@ -150,7 +150,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     _ = hup.recv() => libc::SIGHUP,
                 };
                 if asked && sig != libc::SIGHUP {
-                    eprintln!("silo: signal {sig} again: destroying container {id}");
+                    say(format_args!(
+                        "silo: signal {sig} again: destroying container {id}"
+                    ));
                     let reason = format!("destroyed after signal {sig} was sent twice");
                     container.destroy(Some(reason)).await?;
                 } else {
@@ -164,7 +166,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             match result {
                 Ok(()) => Ok(0),
                 Err(silo::Error::Exit(exit)) if exit.boot_error.is_some() => {
-                    eprintln!("silo: {exit}");
+                    say(format_args!("silo: {exit}"));
                     Ok(127)
                 }
                 Err(silo::Error::Exit(exit)) => Ok(exit.code.clamp(0, 255) as u8),
@@ -182,4 +184,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// Writes a line to stderr. Unlike `eprintln!`, it does not panic when stderr is gone (a
+/// closed pipe): silo must still forward signals and clean up after its container.
+fn say(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{args}");
 }

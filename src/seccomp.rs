@@ -379,11 +379,17 @@ pub fn default_filters() -> Result<Filters> {
     rules.insert(libc::SYS_clone3, Vec::new());
     // ioctl, except faking terminal input (TIOCSTI) and the console's TIOCLINUX.
     let (sti, linux) = (libc::TIOCSTI, libc::TIOCLINUX);
+    // The kernel reads ioctl's request as 32 bits, so compare only those: with 64, high
+    // bits set by the caller would slip past.
+    let low32 = |op, value| {
+        SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value)
+            .expect("argument index 1 is valid")
+    };
     rules.insert(
         libc::SYS_ioctl,
         vec![rule(vec![
-            cond(1, SeccompCmpOp::Ne, sti),
-            cond(1, SeccompCmpOp::Ne, linux),
+            low32(SeccompCmpOp::Ne, sti),
+            low32(SeccompCmpOp::Ne, linux),
         ])],
     );
     // personality, only to the harmless personas.

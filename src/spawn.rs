@@ -146,6 +146,9 @@ struct MountOp {
     /// Bind mounts ignore most flags on the first call; these are applied by a remount.
     remount_flags: Option<libc::c_ulong>,
     propagation: libc::c_ulong,
+    /// Made `nodev` with everything below it: all mounts but devpts and binds of device
+    /// nodes (see Device).
+    nodev: bool,
     /// A tmpfs on /dev gets the standard device nodes.
     is_dev: bool,
 }
@@ -784,6 +787,7 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
 
         let source = m.source().clone();
         let mut file_target = false;
+        let mut device_bind = false;
         if bind {
             flags |= libc::MS_BIND;
             let src = source.clone().ok_or_else(|| {
@@ -801,6 +805,8 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
                 )
             })?;
             file_target = !meta.is_dir();
+            use std::os::unix::fs::FileTypeExt;
+            device_bind = meta.file_type().is_char_device() || meta.file_type().is_block_device();
             fstype = String::new();
         }
         if fstype == "cgroup" || fstype == "cgroup2" {
@@ -874,6 +880,7 @@ fn mount_ops(bundle: &Bundle, spec_mounts: &[Mount]) -> Result<Vec<MountOp>> {
                 .transpose()?,
             remount_flags,
             propagation,
+            nodev: !device_bind && fstype != "devpts",
         });
     }
     Ok(ops)
@@ -1380,11 +1387,6 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         {
             fail(fds, Step::BindRoot, 0);
         }
-        // No device nodes on the rootfs: the container could make one there (see Device).
-        let nodev = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NODEV;
-        if libc::mount(none, plan.rootfs.as_ptr(), none, nodev, none.cast()) != 0 {
-            fail(fds, Step::BindRoot, 1);
-        }
         // Opened after the bind, so that it refers to the new mount and not the directory
         // beneath it.
         let root = libc::open(
@@ -1393,6 +1395,11 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         );
         if root < 0 {
             fail(fds, Step::OpenRoot, 0);
+        }
+        // No device nodes on the rootfs, nor on anything already mounted below it: the
+        // container could make one there (see Device).
+        if set_nodev(root) != 0 {
+            fail(fds, Step::BindRoot, 1);
         }
 
         // Device nodes are created with exactly the modes the plan gives.
@@ -1416,7 +1423,7 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
                 fail(fds, Step::Mount, i);
             }
             libc::close(target);
-            if op.remount_flags.is_some() || op.propagation != 0 {
+            if op.remount_flags.is_some() || op.propagation != 0 || op.nodev {
                 // Reopen: the old fd names the directory under the new mount, this one the
                 // mount itself.
                 let mounted = open_in_root(root, &op.rel, libc::O_PATH as u64);
@@ -1432,6 +1439,9 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
                 if op.propagation != 0
                     && libc::mount(none, path.as_ptr(), none, op.propagation, none.cast()) != 0
                 {
+                    fail(fds, Step::Mount, i);
+                }
+                if op.nodev && set_nodev(mounted) != 0 {
                     fail(fds, Step::Mount, i);
                 }
                 libc::close(mounted);
@@ -1700,7 +1710,7 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
 }
 
 /// Whether exec'ing `path` would run the binary `(dev, ino)`: the file itself, or the
-/// interpreter its `#!` line names, following up to four levels as the kernel does.
+/// interpreter its `#!` line names, following more levels than the kernel does.
 ///
 /// # Safety
 /// Only for the cloned child; `path` must be a valid C string.
@@ -1714,7 +1724,7 @@ unsafe fn runs_runtime(path: *const libc::c_char, exe: (u64, u64), depth: u32) -
         if (st.st_dev, st.st_ino) == exe {
             return true;
         }
-        if depth >= 4 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        if depth >= 8 || st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return false;
         }
         // Non-blocking: the tenant's file could be anything, and must not stall us.
@@ -1771,6 +1781,40 @@ unsafe fn close_all_but(plan: &Plan, fds: &ChildFds) {
     }
     // SAFETY: as above.
     unsafe { libc::close_range(first, libc::c_uint::MAX, 0) };
+}
+
+/// Sets `nodev` on the mount `fd` refers to and on every mount below it.
+///
+/// # Safety
+/// Only for the cloned child.
+unsafe fn set_nodev(fd: RawFd) -> libc::c_long {
+    /// The kernel's struct mount_attr.
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    const AT_RECURSIVE: libc::c_int = 0x8000;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_NODEV,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr on a descriptor we own, with a properly sized mount_attr.
+    unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd,
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    }
 }
 
 /// Hands the seccomp filters to the kernel, in order.

@@ -334,6 +334,7 @@ async fn seccomp_blocks_what_capabilities_alone_would_allow() {
             "open_by_handle_at",
             "io_uring_setup",
             "ioctl_tiocsti",
+            "ioctl_tiocsti_high",
             "ioctl_tioclinux",
             "init_module",
             "kexec_load",
@@ -352,8 +353,8 @@ async fn seccomp_blocks_what_capabilities_alone_would_allow() {
         }
 
         cfg["process"]["capabilities"] = wide_caps();
-        let out = probe(&h, "wide", cfg.clone(), &calls[..15]).await;
-        for call in &calls[..15] {
+        let out = probe(&h, "wide", cfg.clone(), &calls[..16]).await;
+        for call in &calls[..16] {
             assert!(
                 out.lines().any(|l| l == format!("{call}=EPERM")),
                 "{call}:\n{out}"
@@ -374,28 +375,44 @@ async fn seccomp_blocks_what_capabilities_alone_would_allow() {
 #[tokio::test]
 async fn device_nodes_the_container_makes_cannot_be_opened() {
     run("devices", |h| async move {
-        // 10:232 is /dev/kvm, 1:1 /dev/mem: made in /dev and on the rootfs, neither opens,
-        // while the standard devices work.
+        // Volumes the bundle adds without nodev: a tmpfs and a bind of a host directory.
+        let dir = tempfile::tempdir().unwrap();
+        let volume = tempfile::tempdir().unwrap();
+        let mut cfg = demo_config();
+        cfg["root"]["path"] = json!(bundle().join("rootfs"));
+        let mounts = cfg["mounts"].as_array_mut().unwrap();
+        mounts.push(
+            json!({"destination": "/scratch", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "mode=1777"]}),
+        );
+        mounts.push(
+            json!({"destination": "/data", "type": "bind", "source": volume.path(),
+                           "options": ["rbind", "rw"]}),
+        );
+        write_bundle(dir.path(), &cfg);
+        // 1:3 is the null device: harmless to open, so a failure to refuse shows plainly.
         let script = r#"
             echo x > /dev/null && echo null=ok
             [ "$(head -c 3 /dev/zero | wc -c)" = 3 ] && echo zero=ok
             head -c 8 /dev/urandom > /dev/null && echo urandom=ok
-            for node in /dev/kvm-made /tmp/mem-made; do
-                mknod "$node" c 10 232 || echo "mknod $node failed"
-                (exec 3< "$node") 2>/dev/null && echo "$node=opened" || echo "$node=refused"
+            for node in /dev/made /tmp/made /scratch/made /data/made; do
+                mknod "$node" c 1 3 || echo "mknod $node failed"
+                (exec 3> "$node") 2>/dev/null && echo "$node=opened" || echo "$node=refused"
+                rm -f "$node"
             done
         "#;
-        let (code, out) = sh(&h, "mknod", None, script).await;
-        // The node landed in the shared demo rootfs; it goes before anything can fail.
-        let _ = std::fs::remove_file(bundle().join("rootfs/tmp/mem-made"));
+        let (code, out) = sh(&h, "mknod", Some(dir.path().to_path_buf()), script).await;
         assert_eq!(code, 0, "{out}");
-        for want in [
+        let wanted = [
             "null=ok",
             "zero=ok",
             "urandom=ok",
-            "/dev/kvm-made=refused",
-            "/tmp/mem-made=refused",
-        ] {
+            "/dev/made=refused",
+            "/tmp/made=refused",
+            "/scratch/made=refused",
+            "/data/made=refused",
+        ];
+        for want in wanted {
             assert!(
                 out.lines().any(|l| l == want),
                 "missing {want:?} in:\n{out}"

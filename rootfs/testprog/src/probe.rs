@@ -104,6 +104,10 @@ pub fn run(argv: &[String]) -> String {
         ("ioctl_tiocsti", || unsafe {
             libc::syscall(libc::SYS_ioctl, 0, libc::TIOCSTI, c"x".as_ptr())
         }),
+        ("ioctl_tiocsti_high", || unsafe {
+            // The kernel ignores the upper 32 bits of the request; a filter must too.
+            libc::syscall(libc::SYS_ioctl, 0, (1u64 << 32) | libc::TIOCSTI, c"x".as_ptr())
+        }),
         ("ioctl_tioclinux", || unsafe {
             libc::syscall(libc::SYS_ioctl, 0, libc::TIOCLINUX, 0)
         }),
