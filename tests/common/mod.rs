@@ -224,7 +224,8 @@ pub async fn get(c: &Container, port: u32, path: &str) -> (u16, String) {
                 let running = c.running();
                 let outcome = c.outcome();
                 panic!(
-                    "fetch {path} from port {port}: {e}\nrunning: {running}, outcome: {outcome:?}\nlog:\n{log}"
+                    "fetch {path} from port {port}: {e}\n\
+                     running: {running}, outcome: {outcome:?}\nlog:\n{log}"
                 )
             }
         }
