@@ -38,7 +38,7 @@ fn demo_config() -> Value {
 
 fn case(name: &str) -> Value {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/cases")
+        .join("tests/cases")
         .join(name);
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
