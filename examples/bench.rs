@@ -148,10 +148,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SILO_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(silo::log_filter())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -25,3 +25,9 @@ pub use error::{Error, Result};
 pub use firewall::EgressRule;
 pub use monitor::Exit;
 pub use runtime::{Runtime, RuntimeConfig};
+
+/// The log filter silo's programs and tests share: `SILO_LOG`, in `RUST_LOG`'s syntax, and
+/// warnings only when it is unset.
+pub fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("SILO_LOG").unwrap_or_else(|_| "warn".into())
+}

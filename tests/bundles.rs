@@ -45,13 +45,22 @@ fn case(name: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// Options that run `dir` with its own entrypoint.
+fn as_written(h: &common::Harness, dir: &Path) -> silo::StartOptions {
+    silo::StartOptions {
+        bundle: dir.to_path_buf(),
+        entrypoint: None,
+        ..h.opts(&[])
+    }
+}
+
 /// Starts `bundle` and returns the error, checking that no cgroup was left.
 async fn refused(h: &common::Harness, name: &str, dir: &Path) -> String {
     let c = h.container(name);
-    let mut opts = h.opts(&["/bin/true"]);
-    opts.bundle = dir.to_path_buf();
-    opts.entrypoint = None;
-    let err = c.start(opts).await.expect_err("the bundle must be refused");
+    let err = c
+        .start(as_written(h, dir))
+        .await
+        .expect_err("the bundle must be refused");
     assert!(!c.running());
     for ctrl in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
         let leaf = ctrl.path().join("silo").join(c.id());
@@ -160,9 +169,7 @@ async fn runc_spec_is_refused_by_field_then_runs_without_a_terminal() {
         cfg["process"]["args"] = json!(["/bin/testprog", "status", "hostname", "exit", "0"]);
         let b = TestBundle::new(cfg);
         let c = h.container("runs");
-        let mut opts = h.opts(&[]);
-        opts.bundle = b.path();
-        opts.entrypoint = None;
+        let opts = as_written(&h, &b.path());
         c.start(opts).await.unwrap();
         assert_eq!(exit_code(&c).await, 0);
         let out = std::fs::read_to_string(c.log_path()).unwrap();
@@ -211,9 +218,7 @@ async fn podman_config_runs_with_its_seccomp_profile() {
         }
         let b = TestBundle::new(cfg);
         let c = h.container("runs");
-        let mut opts = h.opts(&[]);
-        opts.bundle = b.path();
-        opts.entrypoint = None;
+        let opts = as_written(&h, &b.path());
         c.start(opts).await.unwrap();
         if let Err(e) = c.monitor().await {
             panic!("{e}");

@@ -530,10 +530,7 @@ fn world(uplink: Option<&str>) -> Option<World> {
         "refusing to run a network scenario outside the lab's host namespace"
     );
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SILO_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(silo::log_filter())
         .with_test_writer()
         .try_init();
     let state = PathBuf::from(std::env::var("SILO_NETPOL_STATE").unwrap());

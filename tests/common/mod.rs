@@ -140,10 +140,7 @@ where
     Fut: Future<Output = ()>,
 {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SILO_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(silo::log_filter())
         .with_test_writer()
         .try_init();
     bundle();
