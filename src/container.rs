@@ -6,11 +6,12 @@
 //! any number of callers can wait for an exit at once.
 
 use std::collections::BTreeMap;
+use std::io::ErrorKind::NotFound as ESRCH;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsFd, OwnedFd};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use oci_spec::runtime::{Mount, MountBuilder};
 use tokio::io::unix::AsyncFd;
@@ -25,7 +26,8 @@ use crate::network::{self, Link};
 use crate::port::TcpPort;
 use crate::runtime::Shared;
 use crate::spawn::{self, Output, Plan, Process, Report};
-use crate::{Error, Result, logs, monitor};
+use crate::state::{self, Phase, Proc, Record};
+use crate::{Error, Result, fault, logs, monitor};
 
 /// Where the container's standard output and error go.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -119,6 +121,7 @@ pub(crate) enum State {
         pid: u32,
         /// None when the container joined a network namespace silo does not manage.
         address: Option<IpAddr>,
+        started_at: SystemTime,
     },
     /// The init has exited; its cgroup and network are being torn down.
     Stopping,
@@ -136,6 +139,8 @@ struct Life {
 pub(crate) struct Inner {
     id: String,
     shared: Arc<Shared>,
+    /// Held while this runtime owns the container's state directory.
+    owner: StdMutex<Option<state::Owner>>,
     life: Mutex<Option<Life>>,
     state: watch::Sender<State>,
 }
@@ -157,12 +162,57 @@ impl std::fmt::Debug for Container {
 struct Made {
     cgroup: Option<Cgroup>,
     link: Option<Link>,
-    pidfd: Option<Arc<AsyncFd<OwnedFd>>>,
+    init: Option<Init>,
     state_dir: Option<PathBuf>,
+    /// This start took ownership of the state directory.
+    owned: bool,
+}
+
+/// The init's pidfd and its keeper's, both watched for exit.
+#[derive(Clone)]
+struct Init {
+    pidfd: Arc<AsyncFd<OwnedFd>>,
+    /// `None` when an adopted container's keeper was already gone.
+    keeper: Option<Arc<AsyncFd<OwnedFd>>>,
+}
+
+impl Init {
+    fn new(id: &str, pidfd: OwnedFd, keeper: Option<OwnedFd>) -> Result<Init> {
+        let watch = |fd: OwnedFd| {
+            // SAFETY: the AsyncFd owns the descriptor; nothing else closes or replaces it.
+            unsafe { AsyncFd::register(fd) }
+                .map(Arc::new)
+                .map_err(|source| Error::Io {
+                    id: id.to_string(),
+                    what: "watch a pidfd".into(),
+                    source: source.into(),
+                })
+        };
+        Ok(Init {
+            pidfd: watch(pidfd)?,
+            keeper: keeper.map(watch).transpose()?,
+        })
+    }
+
+    /// Waits for the init to exit and its keeper after it, and reaps the keeper if it is
+    /// our child (it is not when adopted from an earlier runtime).
+    async fn exited(&self) {
+        for fd in std::iter::once(&self.pidfd).chain(&self.keeper) {
+            if let Err(e) = monitor::exited(fd).await {
+                warn!(error = %e, "failed to wait for a pidfd");
+            }
+        }
+        if let Some(keeper) = &self.keeper
+            && let Err(e) = monitor::try_reap(keeper.get_ref())
+            && e.raw_os_error() != Some(libc::ECHILD)
+        {
+            warn!(error = %e, "failed to reap the keeper");
+        }
+    }
 }
 
 impl Made {
-    async fn undo(self) {
+    async fn undo(self, container: &Container) {
         // The veth goes first, while the still-living init holds its name (see Run::netns).
         if let Some(link) = &self.link {
             unconfine(link).await;
@@ -170,11 +220,9 @@ impl Made {
                 warn!(error = %e, "failed to remove the veth of a failed start");
             }
         }
-        if let Some(pidfd) = &self.pidfd {
-            let _ = monitor::send_signal(pidfd.get_ref(), libc::SIGKILL);
-            if let Err(e) = monitor::wait(pidfd).await {
-                warn!(error = %e, "failed to reap a half-started init");
-            }
+        if let Some(init) = &self.init {
+            let _ = monitor::send_signal(init.pidfd.get_ref(), libc::SIGKILL);
+            init.exited().await;
         }
         if let Some(cgroup) = self.cgroup {
             let removed = tokio::task::spawn_blocking(move || {
@@ -189,6 +237,9 @@ impl Made {
         if let Some(dir) = self.state_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+        if self.owned {
+            *container.owner() = None;
+        }
     }
 }
 
@@ -198,6 +249,7 @@ impl Container {
             inner: Arc::new(Inner {
                 id,
                 shared,
+                owner: StdMutex::new(None),
                 life: Mutex::new(None),
                 state: watch::Sender::new(State::NeverStarted),
             }),
@@ -221,6 +273,14 @@ impl Container {
         }
     }
 
+    /// When the current run started, while it runs (see [`Outcome`] for a finished run).
+    pub fn started_at(&self) -> Option<SystemTime> {
+        match *self.inner.state.borrow() {
+            State::Running { started_at, .. } => Some(started_at),
+            _ => None,
+        }
+    }
+
     /// The container's log file (standard output and error), when it logs to one.
     pub fn log_path(&self) -> PathBuf {
         self.state_dir().join(logs::FILE)
@@ -228,6 +288,201 @@ impl Container {
 
     fn state_dir(&self) -> PathBuf {
         self.inner.shared.config.state_dir.join(&self.inner.id)
+    }
+
+    /// Picks up what an earlier runtime left of this container in the state directory: a
+    /// running container is adopted, one whose init is gone is torn down and keeps its
+    /// outcome, and a start that never finished is removed (`None`). Blocking.
+    pub(crate) fn recover(
+        id: String,
+        shared: Arc<Shared>,
+        mut record: Record,
+        owner: state::Owner,
+    ) -> Result<Option<Container>> {
+        let container = Container::new(id, shared);
+        *container.owner() = Some(owner);
+        let dir = container.state_dir();
+        match record.phase.clone() {
+            Phase::Exited { outcome } => {
+                container.publish_exit(outcome);
+                return Ok(Some(container));
+            }
+            Phase::Starting => {
+                // The init, if any, died with the runtime before it was released. The
+                // cgroup may still be another runtime's, if this one crashed before making
+                // it: removing only an empty one never harms that.
+                if let Some(rel) = &record.cgroup {
+                    let cgroup = Cgroup::open(&container.inner.shared.config.cgroup_parent, rel)?;
+                    if let Err(e) = cgroup.remove() {
+                        warn!(container = %container.inner.id, error = %e,
+                              "left the cgroup of an unfinished start");
+                    }
+                }
+                info!(container = %container.inner.id, "removed an unfinished start");
+                let _ = std::fs::remove_dir_all(&dir);
+                return Ok(None);
+            }
+            Phase::Running => {}
+        }
+        let keeper = record.keeper.and_then(|k| k.open());
+        if let Some(pidfd) = record.init.and_then(|p| p.open()) {
+            container.adopt(record, pidfd, keeper)?;
+            return Ok(Some(container));
+        }
+
+        // The init is gone. Its keeper, if still there, is about to write the exit record.
+        if let Some(keeper) = &keeper {
+            wait_blocking(keeper, Duration::from_secs(2));
+        }
+        let (status, exited_at) = state::read_exit_record(&dir);
+        // Teardown goes on past errors, removing what it can.
+        let mut oom_killed = false;
+        if let Some(rel) = &record.cgroup {
+            let cgroup = Cgroup::open(&container.inner.shared.config.cgroup_parent, rel)?;
+            oom_killed = cgroup.oom_killed();
+            if let Err(e) = cgroup.kill_all().and_then(|()| cgroup.remove()) {
+                warn!(container = %container.inner.id, error = %e, "failed to remove cgroup");
+            }
+        }
+        if let Some((link, ifindex)) = &record.link
+            && firewall::interface_index(&link.host_if) == Some(*ifindex)
+        {
+            let removed =
+                firewall::remove(&link.host_if).and_then(|()| firewall::delete_veth(link));
+            if let Err(e) = removed {
+                warn!(container = %container.inner.id, error = %e, "failed to remove network");
+            }
+        }
+        let outcome = Outcome {
+            status,
+            oom_killed,
+            destroyed: false,
+            reason: None,
+            boot_error: None,
+            started_at: record.started_at,
+            exited_at,
+        };
+        info!(container = %container.inner.id, code = status.code(),
+              "a container exited while no runtime ran");
+        record.exited(outcome.clone());
+        record.save(&dir).map_err(|source| Error::Io {
+            id: container.inner.id.clone(),
+            what: "record its exit".into(),
+            source,
+        })?;
+        container.publish_exit(outcome);
+        Ok(Some(container))
+    }
+
+    /// Takes over a running container from its record: watches its init and keeper, takes
+    /// the log pipe from the keeper and supervises it as if this runtime had started it.
+    fn adopt(&self, record: Record, pidfd: OwnedFd, keeper: Option<OwnedFd>) -> Result<()> {
+        let id = &self.inner.id;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Unsupported(
+                "adopting running containers outside a tokio runtime",
+            ));
+        }
+        let io = |what: String| {
+            let id = id.clone();
+            move |source| Error::Io { id, what, source }
+        };
+        let pid = record.init.expect("a running record names its init").pid;
+        let log = match (record.log_fd, &keeper) {
+            (Some(fd), Some(keeper)) => {
+                Some(take_fd(keeper, fd).map_err(io("take the log pipe from the keeper".into()))?)
+            }
+            _ => None,
+        };
+        let init = Init::new(id, pidfd, keeper)?;
+        let netns = match &record.link {
+            Some(_) => Some(
+                std::fs::File::open(format!("/proc/{pid}/ns/net"))
+                    .map_err(io("open the network namespace".into()))?,
+            ),
+            None => None,
+        };
+        // The namespace opened by pid is the init's only if the init still lives now.
+        monitor::send_signal(init.pidfd.get_ref(), 0)
+            .map_err(io("check that the init still runs".into()))?;
+        let cgroup = Cgroup::open(
+            &self.inner.shared.config.cgroup_parent,
+            record.cgroup.as_deref().unwrap_or(id),
+        )?;
+        let log_task = log.map(|r| {
+            tokio::spawn(logs::drain(
+                r,
+                self.log_path(),
+                self.inner.shared.config.log_limit,
+            ))
+        });
+        let link = record.link.as_ref().map(|(link, _)| link.clone());
+        let life = Life {
+            pidfd: init.pidfd.clone(),
+            link: link.clone(),
+            reason: Arc::new(StdMutex::new(None)),
+        };
+        let (address, started_at) = (record.address, record.started_at);
+        let run = Run {
+            container: self.clone(),
+            init,
+            boot: None,
+            cgroup,
+            link,
+            netns,
+            reason: life.reason.clone(),
+            log_task,
+            record,
+        };
+        *self
+            .inner
+            .life
+            .try_lock()
+            .expect("nothing else has this new container yet") = Some(life);
+        self.inner.state.send_replace(State::Running {
+            pid,
+            address,
+            started_at,
+        });
+        info!(container = %id, pid, ?address, "adopted a running container");
+        tokio::spawn(
+            run.supervise()
+                .instrument(info_span!(parent: None, "monitor", container = %id)),
+        );
+        Ok(())
+    }
+
+    fn owner(&self) -> std::sync::MutexGuard<'_, Option<state::Owner>> {
+        self.inner
+            .owner
+            .lock()
+            .expect("owner lock is never poisoned")
+    }
+
+    /// Makes sure this runtime owns the state directory, refusing one that another live
+    /// runtime owns: both would tear down the same container. True when newly taken.
+    fn take_ownership(&self, dir: &Path) -> Result<bool> {
+        let mut owner = self.owner();
+        if owner.is_some() {
+            return Ok(false);
+        }
+        let io = |source| Error::Io {
+            id: self.inner.id.clone(),
+            what: format!("lock state directory {}", dir.display()),
+            source,
+        };
+        *owner = Some(
+            state::Owner::take(dir)
+                .map_err(io)?
+                .ok_or_else(|| Error::OwnedElsewhere(self.inner.id.clone()))?,
+        );
+        Ok(true)
+    }
+
+    fn publish_exit(&self, outcome: Outcome) {
+        self.inner
+            .state
+            .send_replace(State::Exited(Arc::new(outcome)));
     }
 
     /// Boots the container. Returns once its init process is spawned and released, without
@@ -251,7 +506,7 @@ impl Container {
                 }
                 Err(e) => {
                     debug!(error = %e, "start failed");
-                    made.undo().await;
+                    made.undo(self).await;
                     Err(e)
                 }
             }
@@ -283,6 +538,29 @@ impl Container {
             Some(p) => p.to_string_lossy().into_owned(),
             None => id.clone(),
         };
+        let state_dir = self.state_dir();
+        let io = |what: String| {
+            let id = id.clone();
+            move |source| Error::Io { id, what, source }
+        };
+        std::fs::create_dir_all(&state_dir).map_err(io(format!(
+            "create state directory {}",
+            state_dir.display()
+        )))?;
+        made.owned = self.take_ownership(&state_dir)?;
+        made.state_dir = Some(state_dir.clone());
+        // Recorded before the cgroup is made, so that a runtime started after a crash from
+        // here on finds it and removes it.
+        let mut record = Record::starting(cgroup_rel.clone());
+        record
+            .save(&state_dir)
+            .map_err(io(format!("write the record in {}", state_dir.display())))?;
+        let exit_record = state::create_exit_record(&state_dir).map_err(io(format!(
+            "write the exit record in {}",
+            state_dir.display()
+        )))?;
+        fault::point("start:record");
+
         let cgroup = {
             let limits = limits.clone();
             let parent = shared.config.cgroup_parent.clone();
@@ -292,45 +570,45 @@ impl Container {
         };
         let cgroup_dir = cgroup.dir_fd()?;
         made.cgroup = Some(cgroup);
-
-        let state_dir = self.state_dir();
-        std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
-            id: id.clone(),
-            what: format!("create state directory {}", state_dir.display()),
-            source,
-        })?;
-        made.state_dir = Some(state_dir.clone());
+        fault::point("start:cgroup");
 
         let (output, log_reader) = match opts.stdio {
             Stdio::Inherit => (Output::Inherit, None),
             Stdio::Log => {
-                let (r, w) =
-                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::Io {
-                        id: id.clone(),
-                        what: "create the log pipe".into(),
-                        source: e.into(),
-                    })?;
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| io("create the log pipe".into())(e.into()))?;
                 (Output::Fd(w), Some(r))
             }
         };
 
-        let child = spawn::spawn(&plan, &output, cgroup_dir.as_ref().map(|d| d.as_fd()))?;
-        drop(output);
+        let keep = spawn::Keep {
+            exit_record: exit_record.as_fd(),
+            log: log_reader.as_ref().map(|r| r.as_fd()),
+        };
+        let child = spawn::spawn(
+            &plan,
+            &output,
+            cgroup_dir.as_ref().map(|d| d.as_fd()),
+            &keep,
+        )?;
+        drop((output, exit_record));
         let pid = child.pid;
-        let pidfd = child.pidfd.try_clone().map_err(|source| Error::Io {
-            id: id.clone(),
-            what: "duplicate the pidfd".into(),
-            source,
-        })?;
-        // SAFETY: the AsyncFd owns this duplicate; nothing else closes or replaces it.
-        let pidfd = unsafe { AsyncFd::register(pidfd) }.map_err(|source| Error::Io {
-            id: id.clone(),
-            what: "watch the pidfd".into(),
-            source: source.into(),
-        })?;
-        let pidfd = Arc::new(pidfd);
-        made.pidfd = Some(pidfd.clone());
-        debug!(pid, "init cloned");
+        let init = Init::new(
+            id,
+            child
+                .pidfd
+                .try_clone()
+                .map_err(io("duplicate the pidfd".into()))?,
+            Some(
+                child
+                    .keeper
+                    .try_clone()
+                    .map_err(io("duplicate the keeper's pidfd".into()))?,
+            ),
+        )?;
+        made.init = Some(init.clone());
+        debug!(pid, keeper = child.keeper_pid, "init cloned");
+        fault::point("start:spawn");
 
         let cgroup = made.cgroup.as_ref().expect("set above");
         if cgroup_dir.is_none() {
@@ -338,26 +616,25 @@ impl Container {
         }
         let mut netns = None;
         let address = if plan.new_network() {
-            let netns_file =
-                std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|source| Error::Io {
-                    id: id.clone(),
-                    what: "open the network namespace".into(),
-                    source,
-                })?;
+            let netns_file = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+                .map_err(io("open the network namespace".into()))?;
             let link = network::attach(&shared.config.address_pool, netns_file.as_fd()).await?;
             let addr = IpAddr::V4(link.container_addr);
             made.link = Some(link.clone());
+            fault::point("start:veth");
             if let Egress::Internet { .. } = egress {
                 network::add_default_route(netns_file.as_fd(), &link).await?;
             }
             // Confined before the init is released: it never sends a packet unconfined.
-            let record = tokio::task::spawn_blocking(move || {
-                firewall::apply(&link, &egress)?;
-                firewall::Record::new(&link, pid)
-            })
-            .await
-            .expect("applying the firewall does not panic")?;
-            record.save(&state_dir)?;
+            let confined = link.clone();
+            tokio::task::spawn_blocking(move || firewall::apply(&confined, &egress))
+                .await
+                .expect("applying the firewall does not panic")?;
+            fault::point("start:firewall");
+            let ifindex = firewall::interface_index(&link.host_if).ok_or_else(|| {
+                io(format!("find interface {}", link.host_if))(std::io::ErrorKind::NotFound.into())
+            })?;
+            record.link = Some((link, ifindex));
             netns = Some(netns_file);
             Some(addr)
         } else if plan.joins_network() {
@@ -368,6 +645,18 @@ impl Container {
             Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
         };
 
+        let not_running = || io(format!("read the start time of process {pid}"));
+        record.phase = Phase::Running;
+        record.init = Some(Proc::of(pid).ok_or_else(|| not_running()(ESRCH.into()))?);
+        record.keeper =
+            Some(Proc::of(child.keeper_pid).ok_or_else(|| not_running()(ESRCH.into()))?);
+        record.log_fd = log_reader.as_ref().map(|r| r.as_raw_fd());
+        record.address = address;
+        record
+            .save(&state_dir)
+            .map_err(io(format!("write the record in {}", state_dir.display())))?;
+        let started_at = record.started_at;
+
         let log_task = log_reader.map(|r| {
             tokio::spawn(logs::drain(
                 r,
@@ -375,28 +664,32 @@ impl Container {
                 shared.config.log_limit,
             ))
         });
-        let (_, errors) = child.release()?;
+        let released = child.release()?;
+        drop(released.pidfd);
+        drop(released.keeper);
 
         let life = Life {
-            pidfd: pidfd.clone(),
+            pidfd: init.pidfd.clone(),
             link: made.link.clone(),
             reason: Arc::new(StdMutex::new(None)),
         };
         let run = Run {
             container: self.clone(),
-            pidfd,
-            errors,
-            plan,
+            init,
+            boot: Some((released.errors, plan)),
             cgroup: made.cgroup.take().expect("set above"),
             link: made.link.take(),
             netns,
             reason: life.reason.clone(),
             log_task,
+            record,
         };
         *made = Made::default();
-        self.inner
-            .state
-            .send_replace(State::Running { pid, address });
+        self.inner.state.send_replace(State::Running {
+            pid,
+            address,
+            started_at,
+        });
         info!(pid, ?address, "container started");
         tokio::spawn(
             run.supervise()
@@ -504,6 +797,7 @@ impl Container {
                         *r = reason.or(Some(String::new()));
                     }
                 }
+                fault::point("destroy:signal");
                 if let Err(e) = monitor::send_signal(live.pidfd.get_ref(), libc::SIGKILL)
                     && e.raw_os_error() != Some(libc::ESRCH)
                 {
@@ -512,13 +806,20 @@ impl Container {
                 self.wait_exited().await;
             }
             drop(life);
-            match std::fs::remove_dir_all(self.state_dir()) {
+            let dir = self.state_dir();
+            if dir.exists() {
+                self.take_ownership(&dir)?;
+            }
+            match std::fs::remove_dir_all(dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::Io {
                     id: self.inner.id.clone(),
                     what: "remove its state directory".into(),
                     source: e,
                 }),
-                _ => Ok(()),
+                _ => {
+                    *self.owner() = None;
+                    Ok(())
+                }
             }
         }
         .instrument(span)
@@ -593,9 +894,9 @@ impl Container {
 /// The run of one init process, owned by its monitor task.
 struct Run {
     container: Container,
-    pidfd: Arc<AsyncFd<OwnedFd>>,
-    errors: OwnedFd,
-    plan: Plan,
+    init: Init,
+    /// The error pipe and the plan that explains its reports; `None` when adopted.
+    boot: Option<(OwnedFd, Plan)>,
     cgroup: Cgroup,
     link: Option<Link>,
     /// Holds the network namespace, and with it the veth pair, until `link` is detached:
@@ -604,29 +905,28 @@ struct Run {
     netns: Option<std::fs::File>,
     reason: Arc<StdMutex<Option<String>>>,
     log_task: Option<tokio::task::JoinHandle<()>>,
+    record: Record,
 }
 
 impl Run {
     /// Waits for the init to exit, tears the container down, then publishes the outcome.
-    async fn supervise(self) {
+    async fn supervise(mut self) {
         let inner = &self.container.inner;
-        let status = match monitor::wait(&self.pidfd).await {
-            Ok(status) => status,
-            Err(e) => {
-                // Only possible if someone else reaped our child; nothing to wait for.
-                warn!(error = %e, "failed to wait for init");
-                ExitStatus::Signal(libc::SIGKILL)
-            }
-        };
+        let state_dir = self.container.state_dir();
+        self.init.exited().await;
+        let (status, exited_at) = state::read_exit_record(&state_dir);
+        fault::point("exit:teardown");
         inner.state.send_replace(State::Stopping);
-        let boot_error = Report::read(self.errors.as_fd()).map(|r| self.plan.describe(&r));
+        let boot_error = self
+            .boot
+            .as_ref()
+            .and_then(|(errors, plan)| Report::read(errors.as_fd()).map(|r| plan.describe(&r)));
         let oom_killed = self.cgroup.oom_killed();
 
         if let Some(link) = &self.link {
             unconfine(link).await;
-            match network::detach(link).await {
-                Ok(()) => firewall::Record::delete(&self.container.state_dir()),
-                Err(e) => warn!(error = %e, "failed to remove veth"),
+            if let Err(e) = network::detach(link).await {
+                warn!(error = %e, "failed to remove veth");
             }
         }
         drop(self.netns);
@@ -657,13 +957,20 @@ impl Run {
             .lock()
             .expect("reason lock is never poisoned")
             .take()
-            .filter(|_| status == ExitStatus::Signal(libc::SIGKILL));
+            .filter(|_| {
+                matches!(
+                    status,
+                    ExitStatus::Signal(libc::SIGKILL) | ExitStatus::Unknown
+                )
+            });
         let outcome = Outcome {
             status,
             oom_killed,
             destroyed: reason.is_some(),
             reason: reason.filter(|r| !r.is_empty()),
             boot_error,
+            started_at: self.record.started_at,
+            exited_at,
         };
         info!(
             code = status.code(),
@@ -672,6 +979,11 @@ impl Run {
             boot_error = outcome.boot_error.as_deref(),
             "container exited"
         );
+        self.record.exited(outcome.clone());
+        if let Err(e) = self.record.save(&state_dir) {
+            // A later runtime then cleans up again what is already gone: harmless.
+            warn!(error = %e, "failed to record the exit");
+        }
         inner.state.send_replace(State::Exited(Arc::new(outcome)));
     }
 }
@@ -684,6 +996,29 @@ async fn unconfine(link: &Link) {
     if let Ok(Err(e)) = removed {
         warn!(error = %e, "failed to remove the container's firewall state");
     }
+}
+
+/// A duplicate of descriptor `fd` of the process behind `pidfd`.
+fn take_fd(pidfd: &OwnedFd, fd: i32) -> std::io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_getfd takes a pidfd we own, a descriptor number and flags, and returns
+    // a new descriptor or -1.
+    let new = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(new as i32) })
+}
+
+/// Waits up to `limit` for the process behind `pidfd` to exit, blocking the thread.
+fn wait_blocking(pidfd: &OwnedFd, limit: Duration) {
+    let mut fds = [nix::poll::PollFd::new(
+        pidfd.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
 }
 
 /// The process to run: the bundle's, with the caller's entrypoint and environment over it.

@@ -23,6 +23,8 @@ pub enum Error {
     AlreadyRunning(String),
     #[error("container {0} is not running")]
     NotRunning(String),
+    #[error("container {0} belongs to another runtime that shares this state directory")]
+    OwnedElsewhere(String),
     #[error("container {0} has never been started")]
     NeverStarted(String),
     #[error("signal {0} is out of range: use 1 to 64")]

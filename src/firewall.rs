@@ -1216,124 +1216,10 @@ fn write_sysctl(path: &Path, value: &str) -> Result<()> {
     std::fs::write(path, value).map_err(io_err(format!("write {value} to {}", path.display())))
 }
 
-/// What a container's start leaves in its state directory, so that a runtime starting
-/// after a crash can tell whether the container is gone and find what it left.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Record {
-    pub link: Link,
-    /// The host end's interface index: a later veth with the same name has another one.
-    pub ifindex: u32,
-    pub pid: u32,
-    /// The init's start time, in clock ticks after boot: tells a reused pid apart.
-    pub start_time: u64,
-}
-
-const RECORD_FILE: &str = "network.json";
-
-impl Record {
-    pub(crate) fn new(link: &Link, pid: u32) -> Result<Record> {
-        let ifindex = interface_index(&link.host_if).ok_or_else(|| Error::Io {
-            what: format!("find interface {}", link.host_if),
-            source: std::io::ErrorKind::NotFound.into(),
-        })?;
-        let start_time = process_start_time(pid).ok_or_else(|| Error::Io {
-            what: format!("read the start time of process {pid}"),
-            source: std::io::ErrorKind::NotFound.into(),
-        })?;
-        Ok(Record {
-            link: link.clone(),
-            ifindex,
-            pid,
-            start_time,
-        })
-    }
-
-    pub(crate) fn save(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(RECORD_FILE);
-        let json = serde_json::to_vec(self).expect("a record serializes");
-        std::fs::write(&path, json).map_err(io_err(format!("write {}", path.display())))
-    }
-
-    pub(crate) fn delete(dir: &Path) {
-        let path = dir.join(RECORD_FILE);
-        if let Err(e) = std::fs::remove_file(&path)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            warn!(path = %path.display(), error = %e, "failed to remove the network record");
-        }
-    }
-}
-
-/// Field 22 of /proc/PID/stat, while the process lives: a zombie counts as dead, having
-/// let go of its namespaces already.
-fn process_start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses; the fields after it do not.
-    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
-    if matches!(fields.next(), Some("Z" | "X" | "x")) {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
-}
-
-/// Cleans up after a runtime that stopped without tearing its containers down: for each
-/// container recorded in `state_dir` whose init is gone, removes its firewall state and its
-/// veth (still there when something kept its network namespace alive), then collects the
-/// firewall state of every other host end that is gone. Containers whose init still runs
-/// are left as they are. Blocking.
-pub(crate) fn recover(state_dir: &Path) {
-    let entries = match std::fs::read_dir(state_dir) {
-        Ok(entries) => entries,
-        Err(e) => {
-            debug!(error = %e, "no state directory to recover from");
-            return;
-        }
-    };
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        let Ok(json) = std::fs::read(dir.join(RECORD_FILE)) else {
-            continue;
-        };
-        let record: Record = match serde_json::from_slice(&json) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "unreadable network record");
-                continue;
-            }
-        };
-        if process_start_time(record.pid) == Some(record.start_time) {
-            debug!(
-                pid = record.pid,
-                "container outlived its runtime; leaving it alone"
-            );
-            continue;
-        }
-        let host_if = &record.link.host_if;
-        // A different index means the name now belongs to another container.
-        if interface_index(host_if) == Some(record.ifindex) {
-            info!(%host_if, "removing the network of a container that is gone");
-            if let Err(e) = remove(host_if) {
-                warn!(%host_if, error = %e, "failed to remove firewall state");
-            }
-            if let Err(e) = delete_veth(&record.link) {
-                warn!(%host_if, error = %e, "failed to remove veth");
-                continue;
-            }
-        }
-        Record::delete(&dir);
-    }
-    match collect_garbage() {
-        Ok(()) => {}
-        // Without nft there can be no table to clean.
-        Err(Error::NftMissing) => debug!("nft is not installed; no firewall to clean"),
-        Err(e) => warn!(error = %e, "failed to collect stale firewall state"),
-    }
-}
-
 /// Deletes a veth from synchronous code: the netlink client needs a tokio runtime, which
 /// gets a thread of its own so that this works whether or not the caller is inside one.
 /// The thread starts in the caller's network namespace, where the veth is.
-fn delete_veth(link: &Link) -> Result<()> {
+pub(crate) fn delete_veth(link: &Link) -> Result<()> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -1462,15 +1348,6 @@ mod tests {
         );
         let text = resolv_conf(&[Ipv4Addr::new(198, 51, 100, 53)]);
         assert!(text.ends_with("nameserver 198.51.100.53\n"), "{text}");
-    }
-
-    #[test]
-    fn start_times_tell_live_processes_apart() {
-        let me = std::process::id();
-        let start = process_start_time(me).expect("this process lives");
-        assert_eq!(process_start_time(me), Some(start));
-        // Above the kernel's pid limit: never a process.
-        assert_eq!(process_start_time(1 << 23), None);
     }
 
     #[test]

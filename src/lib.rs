@@ -11,6 +11,7 @@ pub mod cgroup;
 mod container;
 pub mod daemon;
 mod error;
+pub mod fault;
 pub mod firewall;
 mod logs;
 pub mod monitor;
@@ -19,6 +20,7 @@ pub mod port;
 mod runtime;
 pub mod seccomp;
 pub mod spawn;
+mod state;
 
 pub use container::{Container, ExitStatus, Instance, Outcome, StartOptions, Stdio};
 pub use error::{Error, Result};

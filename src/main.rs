@@ -75,6 +75,10 @@ enum Command {
         /// A file holding the bearer token that every request must carry.
         #[arg(long)]
         token_file: Option<std::path::PathBuf>,
+        /// On SIGTERM or SIGINT, leave the containers running for the next daemon to adopt
+        /// instead of destroying them.
+        #[arg(long)]
+        leave_running: bool,
     },
 }
 
@@ -170,12 +174,17 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Err(e) => Err(e.into()),
             }
         }
-        Command::Serve { listen, token_file } => {
+        Command::Serve {
+            listen,
+            token_file,
+            leave_running,
+        } => {
             let config = silo::daemon::Config {
                 listen,
                 state_dir: runtime.config().state_dir.clone(),
                 cgroup_parent: runtime.config().cgroup_parent.clone(),
                 token_file,
+                leave_running,
             };
             silo::daemon::run(config).await?;
             Ok(0)

@@ -1,8 +1,11 @@
 //! Waiting for a container's init to exit, and what its exit means.
 //!
-//! The wait is driven by the init's pidfd, which the kernel makes readable when the process
-//! exits; `waitid(P_PIDFD)` then reaps it. Nothing polls, and a pid reused by an unrelated
-//! process can never be confused with the container's.
+//! The wait is driven by pidfds, which the kernel makes readable when their process exits,
+//! whoever its parent is. The init's parent is its keeper (see [`crate::spawn`]), which
+//! reaps it and writes an [`ExitRecord`] into the state directory before exiting itself, so
+//! the runtime waits for the init's pidfd, then the keeper's, then reads the record. Nothing
+//! polls, and a pid reused by an unrelated process can never be confused with the
+//! container's.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,20 +19,82 @@ pub enum ExitStatus {
     Code(i32),
     /// A signal killed it.
     Signal(i32),
+    /// Nobody could tell: its keeper was killed before it, so the status went to whoever
+    /// adopted the orphan.
+    Unknown,
 }
 
 impl ExitStatus {
-    /// The shell's convention: the exit code, or 128 + n after signal n.
+    /// The shell's convention: the exit code, or 128 + n after signal n; 255 when unknown
+    /// (as containerd reports a lost exit).
     pub fn code(self) -> i32 {
         match self {
             ExitStatus::Code(c) => c,
             ExitStatus::Signal(s) => 128 + s,
+            ExitStatus::Unknown => UNKNOWN_CODE,
+        }
+    }
+}
+
+/// The exit code reported when the real one is lost.
+pub const UNKNOWN_CODE: i32 = 255;
+
+/// How the init ended, as its keeper writes it into the state directory: fixed-size, so
+/// that the runtime can write a pending one at start and the keeper's write needs no new
+/// space on a full disk.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ExitRecord {
+    magic: u32,
+    /// `si_code` of the keeper's waitid: CLD_EXITED, CLD_KILLED or CLD_DUMPED.
+    code: i32,
+    status: i32,
+}
+
+impl ExitRecord {
+    pub(crate) const SIZE: usize = std::mem::size_of::<ExitRecord>();
+    const DONE: u32 = u32::from_be_bytes(*b"silo");
+    pub(crate) const PENDING: ExitRecord = ExitRecord {
+        magic: 0,
+        code: 0,
+        status: 0,
+    };
+
+    pub(crate) const fn new(code: i32, status: i32) -> ExitRecord {
+        ExitRecord {
+            magic: Self::DONE,
+            code,
+            status,
+        }
+    }
+
+    pub(crate) fn to_bytes(self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        out[..4].copy_from_slice(&self.magic.to_ne_bytes());
+        out[4..8].copy_from_slice(&self.code.to_ne_bytes());
+        out[8..].copy_from_slice(&self.status.to_ne_bytes());
+        out
+    }
+
+    /// The status the record holds; `Unknown` for a pending or unreadable one.
+    pub(crate) fn status_from(bytes: &[u8]) -> ExitStatus {
+        let word = |i: usize| bytes.get(i..i + 4).map(|b| [b[0], b[1], b[2], b[3]]);
+        let (Some(magic), Some(code), Some(status)) = (word(0), word(4), word(8)) else {
+            return ExitStatus::Unknown;
+        };
+        if u32::from_ne_bytes(magic) != Self::DONE {
+            return ExitStatus::Unknown;
+        }
+        let status = i32::from_ne_bytes(status);
+        match i32::from_ne_bytes(code) {
+            libc::CLD_EXITED => ExitStatus::Code(status),
+            _ => ExitStatus::Signal(status),
         }
     }
 }
 
 /// Everything known about one finished run of a container.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub status: ExitStatus,
     /// The kernel's OOM killer killed a process of the container.
@@ -41,6 +106,8 @@ pub struct Outcome {
     /// What went wrong between spawn and exec, if anything did (say, a missing
     /// entrypoint).
     pub boot_error: Option<String>,
+    pub started_at: std::time::SystemTime,
+    pub exited_at: std::time::SystemTime,
 }
 
 impl Outcome {
@@ -58,8 +125,9 @@ impl Outcome {
             code: self.status.code(),
             signal: match self.status {
                 ExitStatus::Signal(s) => Some(s),
-                ExitStatus::Code(_) => None,
+                ExitStatus::Code(_) | ExitStatus::Unknown => None,
             },
+            known: self.status != ExitStatus::Unknown,
             oom_killed: self.oom_killed,
             reason: self.reason.clone(),
             boot_error: self.boot_error.clone(),
@@ -74,6 +142,8 @@ pub struct Exit {
     /// Exit code, 128 + n after signal n.
     pub code: i32,
     pub signal: Option<i32>,
+    /// False when the real exit status was lost (see [`ExitStatus::Unknown`]).
+    pub known: bool,
     pub oom_killed: bool,
     /// The reason given to `destroy`.
     pub reason: Option<String>,
@@ -97,6 +167,14 @@ impl std::fmt::Display for Exit {
                 self.code
             );
         }
+        if !self.known {
+            return write!(
+                f,
+                "container {id} exited, but its exit status was lost with its keeper process \
+                 (exit code {})",
+                self.code
+            );
+        }
         match self.signal {
             Some(s) => write!(
                 f,
@@ -108,19 +186,12 @@ impl std::fmt::Display for Exit {
     }
 }
 
-/// Waits until the process behind `pidfd` exits, and reaps it. The process must be a child
-/// of this one.
-pub async fn wait(pidfd: &AsyncFd<OwnedFd>) -> io::Result<ExitStatus> {
-    loop {
-        let mut guard = pidfd.readable().await?;
-        if let Some(status) = try_reap(pidfd.get_ref())? {
-            return Ok(status);
-        }
-        guard.clear_ready();
-    }
+/// Waits until the process behind `pidfd` has exited. It need not be our child.
+pub async fn exited(pidfd: &AsyncFd<OwnedFd>) -> io::Result<()> {
+    pidfd.readable().await.map(|_| ())
 }
 
-/// Reaps the process if it has exited.
+/// Reaps the process, a child of ours, if it has exited.
 pub fn try_reap(pidfd: &OwnedFd) -> io::Result<Option<ExitStatus>> {
     // SAFETY: siginfo_t is plain data; zero is a valid value and waitid fills it.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -176,6 +247,8 @@ mod tests {
             destroyed: false,
             reason: None,
             boot_error: None,
+            started_at: std::time::UNIX_EPOCH,
+            exited_at: std::time::UNIX_EPOCH,
         }
     }
 

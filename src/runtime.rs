@@ -6,8 +6,10 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use tracing::{debug, warn};
+
 use crate::network::AddressPool;
-use crate::{Container, Error, Result};
+use crate::{Container, Error, Result, state};
 
 /// How a [`Runtime`] is set up.
 #[derive(Debug, Clone)]
@@ -68,10 +70,11 @@ impl Runtime {
                 what: format!("create state directory {}", config.state_dir.display()),
                 source,
             })?;
-        crate::firewall::recover(&config.state_dir);
+        let shared = Arc::new(Shared { config });
+        let containers = recover(&shared)?;
         Ok(Runtime {
-            shared: Arc::new(Shared { config }),
-            containers: Mutex::new(HashMap::new()),
+            shared,
+            containers: Mutex::new(containers),
         })
     }
 
@@ -102,6 +105,61 @@ impl Runtime {
             .expect("registry lock is never poisoned");
         map.values().cloned().collect()
     }
+}
+
+/// The containers an earlier runtime left in the state directory: those running are
+/// adopted, and those that exited meanwhile are torn down and keep their outcome. Then the
+/// firewall state of every host end that is gone is collected.
+fn recover(shared: &Arc<Shared>) -> Result<HashMap<String, Container>> {
+    let dir = &shared.config.state_dir;
+    let entries = std::fs::read_dir(dir).map_err(|source| Error::Io {
+        id: String::new(),
+        what: format!("read state directory {}", dir.display()),
+        source,
+    })?;
+    let mut containers = HashMap::new();
+    for entry in entries.flatten() {
+        let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !valid_id(&id) || !entry.path().is_dir() {
+            continue;
+        }
+        let dir = entry.path();
+        let owner = match state::Owner::take(&dir) {
+            Ok(Some(owner)) => owner,
+            Ok(None) => {
+                debug!(container = %id, "owned by another live runtime; leaving it alone");
+                continue;
+            }
+            Err(e) => {
+                warn!(container = %id, error = %e, "cannot lock the state directory");
+                continue;
+            }
+        };
+        let record = match state::Record::load(&dir) {
+            Ok(record) => record,
+            Err(e) if state::unrecorded(&dir) => {
+                // A start that died before writing its record made nothing yet.
+                debug!(container = %id, error = %e, "removing an unrecorded start");
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "unreadable container record");
+                continue;
+            }
+        };
+        if let Some(c) = Container::recover(id.clone(), shared.clone(), record, owner)? {
+            containers.insert(id, c);
+        }
+    }
+    match crate::firewall::collect_garbage() {
+        // Without nft there can be no table to clean.
+        Ok(()) | Err(crate::firewall::Error::NftMissing) => {}
+        Err(e) => warn!(error = %e, "failed to collect stale firewall state"),
+    }
+    Ok(containers)
 }
 
 /// Ids become file and cgroup names: 1 to 64 of `[A-Za-z0-9_.-]`, starting alphanumeric.

@@ -10,6 +10,14 @@
 //! allocation, no panics, no std I/O, only `libc` calls on the [`Plan`] built in the parent,
 //! and raw syscalls where glibc's wrapper would consult its (copied, stale) thread list.
 //!
+//! The init is not the runtime's child but a *keeper*'s: a second clone of the runtime,
+//! made first, that clones the init, waits for it and writes its exit status into the
+//! container's state directory. The runtime may then die (a supervisor crash, an upgrade)
+//! without the exit status going to whoever adopts orphans; a runtime started later reads it
+//! there. The keeper also holds a copy of the log pipe's read end, so that the container's
+//! writes never fail for want of a reader while no runtime runs, and a later runtime takes
+//! it over with `pidfd_getfd`. The keeper runs the same raw-syscall discipline as the init.
+//!
 //! The child blocks on a pipe until [`Child::release`] so that the parent can place it in
 //! its cgroup and wire its network first. Whatever fails in the child is written to an error
 //! pipe as a fixed-size [`Report`] and the child exits with 127; the pipe is close-on-exec,
@@ -1086,11 +1094,15 @@ impl From<u32> for Step {
     }
 }
 
-/// A cloned init process waiting for [`Child::release`].
+/// A cloned init process waiting for [`Child::release`], and its keeper.
 #[derive(Debug)]
 pub struct Child {
     pub pid: u32,
+    /// The init's pidfd, opened by the runtime (the init is the keeper's child).
     pub pidfd: OwnedFd,
+    pub keeper_pid: u32,
+    /// The keeper's pidfd; the keeper is the runtime's child, to be reaped once it exits.
+    pub keeper: OwnedFd,
     /// Read end of the error pipe (non-blocking).
     pub errors: OwnedFd,
     go: OwnedFd,
@@ -1098,7 +1110,7 @@ pub struct Child {
 
 impl Child {
     /// Lets the child go on from its cgroup and network being ready to exec.
-    pub fn release(self) -> Result<(OwnedFd, OwnedFd)> {
+    pub fn release(self) -> Result<Released> {
         // SAFETY: writes one byte from a live stack variable to a pipe we own.
         let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         if n != 1 {
@@ -1106,8 +1118,29 @@ impl Child {
                 std::io::Error::last_os_error(),
             ));
         }
-        Ok((self.pidfd, self.errors))
+        Ok(Released {
+            pidfd: self.pidfd,
+            keeper: self.keeper,
+            errors: self.errors,
+        })
     }
+}
+
+/// What the runtime keeps of a released init.
+#[derive(Debug)]
+pub struct Released {
+    pub pidfd: OwnedFd,
+    pub keeper: OwnedFd,
+    pub errors: OwnedFd,
+}
+
+/// What the keeper holds for the runtime besides the init.
+pub struct Keep<'a> {
+    /// The container's exit record file, which the keeper overwrites when the init exits.
+    /// It must already hold a whole (pending) record, so that the write needs no new space.
+    pub exit_record: BorrowedFd<'a>,
+    /// The log pipe's read end, kept open for a later runtime to take over.
+    pub log: Option<BorrowedFd<'a>>,
 }
 
 /// Makes a pipe whose ends are close-on-exec and numbered 3 or above, so that moving the
@@ -1131,11 +1164,19 @@ fn above_stdio(fd: OwnedFd) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
-/// Clones the init process into its new namespaces, and (on cgroup v2) straight into the
-/// cgroup `cgroup_dir`. The child stops before doing anything until released.
-pub fn spawn(plan: &Plan, output: &Output, cgroup_dir: Option<BorrowedFd<'_>>) -> Result<Child> {
+/// Clones the keeper, which clones the init process into its new namespaces and (on cgroup
+/// v2) straight into the cgroup `cgroup_dir`. The init stops before doing anything until
+/// released.
+pub fn spawn(
+    plan: &Plan,
+    output: &Output,
+    cgroup_dir: Option<BorrowedFd<'_>>,
+    keep: &Keep<'_>,
+) -> Result<Child> {
     let (go_r, go_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
+    let (info_r, info_w) = pipe()?;
+    let (ack_r, ack_w) = pipe()?;
     nix::fcntl::fcntl(
         &err_r,
         nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -1153,20 +1194,23 @@ pub fn spawn(plan: &Plan, output: &Output, cgroup_dir: Option<BorrowedFd<'_>>) -
         stdin: null.as_raw_fd(),
         out: out_fd,
     };
+    let keeper_fds = KeeperFds {
+        info: info_w.as_raw_fd(),
+        ack: ack_r.as_raw_fd(),
+        exit: keep.exit_record.as_raw_fd(),
+        log: keep.log.map_or(-1, |fd| fd.as_raw_fd()),
+        cgroup: cgroup_dir.map_or(-1, |fd| fd.as_raw_fd()),
+    };
 
     let mut pidfd: libc::c_int = -1;
     // SAFETY: clone_args is a plain C struct; all-zero is its documented default.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    args.flags = plan.clone_flags | libc::CLONE_PIDFD as u64;
+    args.flags = libc::CLONE_PIDFD as u64;
     args.pidfd = &mut pidfd as *mut libc::c_int as u64;
     args.exit_signal = libc::SIGCHLD as u64;
-    if let Some(dir) = cgroup_dir {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = dir.as_raw_fd() as u64;
-    }
     // SAFETY: clone3 without CLONE_VM gives the child a copy of our memory, like fork. The
-    // child runs only `child`, which never returns and touches nothing but `plan` and `fds`
-    // through raw syscalls (see the module comment).
+    // child runs only `keeper`, which never returns and touches nothing but `plan` and the
+    // descriptors through raw syscalls (see the module comment).
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -1175,23 +1219,94 @@ pub fn spawn(plan: &Plan, output: &Output, cgroup_dir: Option<BorrowedFd<'_>>) -
         )
     };
     if ret == 0 {
-        // SAFETY: we are the freshly cloned child.
-        unsafe { child(plan, &fds) }
+        // SAFETY: we are the freshly cloned keeper.
+        unsafe { keeper(plan, &fds, &keeper_fds) }
     }
     if ret < 0 {
-        return Err(os("clone the container's init process")(
+        return Err(os("clone the container's keeper process")(
             std::io::Error::last_os_error(),
         ));
     }
     // SAFETY: clone3 stored a new pidfd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    // The child's ends (go_r, err_w, null) close here, in the parent only.
+    let keeper_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let keeper_pid = ret as u32;
+    // The child's ends close here, in the parent only, so that the init sees the end of
+    // `go` and the keeper the end of `ack` if we die.
+    drop((go_r, err_w, null, info_w, ack_r));
+
+    let init = read_init_pid(&info_r).and_then(|pid| {
+        let pidfd = pidfd_open(pid).map_err(os(format!("open a pidfd for init {pid}")))?;
+        Ok((pid, pidfd))
+    });
+    let (pid, pidfd) = match init {
+        Ok(init) => init,
+        Err(e) => {
+            // Without `go` the init (if any) exits at once, and the keeper after it.
+            drop(go_w);
+            reap_blocking(&keeper_pidfd);
+            return Err(e);
+        }
+    };
+    // Only now may the keeper reap the init: its pid cannot have been reused before our
+    // pidfd pinned it.
+    drop(ack_w);
     Ok(Child {
-        pid: ret as u32,
+        pid,
         pidfd,
+        keeper_pid,
+        keeper: keeper_pidfd,
         errors: err_r,
         go: go_w,
     })
+}
+
+/// What the keeper reports right after cloning the init: its pid, or the clone's errno.
+fn read_init_pid(info: &OwnedFd) -> Result<u32> {
+    let mut word = [0u8; 4];
+    // SAFETY: reads at most 4 bytes into a live stack buffer.
+    let n = unsafe { libc::read(info.as_raw_fd(), word.as_mut_ptr().cast(), word.len()) };
+    if n != 4 {
+        return Err(os("hear from the container's keeper process")(
+            std::io::ErrorKind::UnexpectedEof.into(),
+        ));
+    }
+    match i32::from_ne_bytes(word) {
+        pid if pid > 0 => Ok(pid as u32),
+        errno => Err(os("clone the container's init process")(
+            std::io::Error::from_raw_os_error(-errno),
+        )),
+    }
+}
+
+/// A pidfd for `pid`, which must be a process that cannot be reaped meanwhile.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Waits for a child of ours that is about to exit, and reaps it.
+fn reap_blocking(pidfd: &OwnedFd) {
+    // SAFETY: siginfo_t is plain data that waitid fills.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid on a pidfd we own, into a live siginfo_t.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+    }
 }
 
 /// Not in every libc release yet; the value is fixed by the kernel ABI.
@@ -1203,6 +1318,17 @@ struct ChildFds {
     stdin: RawFd,
     /// -1 to keep the inherited stdout and stderr.
     out: RawFd,
+}
+
+/// The keeper's own descriptors (-1: none).
+struct KeeperFds {
+    /// Where it reports the init's pid.
+    info: RawFd,
+    /// Ends (closed by the runtime) once the runtime holds the init's pidfd.
+    ack: RawFd,
+    exit: RawFd,
+    log: RawFd,
+    cgroup: RawFd,
 }
 
 /// A fixed buffer for "/proc/self/fd/N", formatted without allocating.
@@ -1340,7 +1466,7 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         // other threads are reading to their end (a helper command's output, say). Keeping
         // those while we wait below would stall their readers, and they may be what our
         // release waits for. So drop all but our own at once.
-        close_all_but(plan, fds);
+        close_all_but(plan, fds, &[]);
 
         // Wait for the parent: it puts us in our cgroup and wires our network meanwhile.
         let mut byte = 0u8;
@@ -1750,18 +1876,20 @@ unsafe fn runs_runtime(path: *const libc::c_char, exe: (u64, u64), depth: u32) -
     }
 }
 
-/// Closes every descriptor above stdio except those the child still needs.
+/// Closes every descriptor above stdio except the child's, those of the namespaces it
+/// joins, and `extra`.
 ///
 /// # Safety
-/// Only for the cloned child.
-unsafe fn close_all_but(plan: &Plan, fds: &ChildFds) {
+/// Only for the cloned child or keeper.
+unsafe fn close_all_but(plan: &Plan, fds: &ChildFds, extra: &[RawFd]) {
     // Allocation-free: the few descriptors to keep, sorted in a fixed array.
-    let mut keep = [0 as RawFd; 8];
+    let mut keep = [0 as RawFd; 16];
     let mut n = 0;
     let joined = plan.joins.iter().map(|(fd, _)| fd.as_raw_fd());
     for fd in [fds.go, fds.err, fds.stdin, fds.out]
         .into_iter()
         .chain(joined)
+        .chain(extra.iter().copied())
     {
         if fd > 2 && n < keep.len() {
             keep[n] = fd;
@@ -1781,6 +1909,90 @@ unsafe fn close_all_but(plan: &Plan, fds: &ChildFds) {
     }
     // SAFETY: as above.
     unsafe { libc::close_range(first, libc::c_uint::MAX, 0) };
+}
+
+/// The keeper: clones the init, reports its pid, waits for it to exit and records how.
+///
+/// # Safety
+/// Must only run in the keeper cloned by [`spawn`], once.
+unsafe fn keeper(plan: &Plan, fds: &ChildFds, k: &KeeperFds) -> ! {
+    // SAFETY: raw syscalls on the plan, the descriptors and the stack only.
+    unsafe {
+        close_all_but(plan, fds, &[k.info, k.ack, k.exit, k.log, k.cgroup]);
+        // Out of the runtime's session and process group, and deaf to every signal but
+        // SIGKILL: a terminal's ^C, or a signal to the supervisor's group, must not take
+        // the keeper (and with it the exit status) along. SIGCHLD stays as it is, since
+        // ignoring it would let the kernel reap the init for us.
+        libc::setsid();
+        for sig in 1..=64 {
+            if !matches!(sig, libc::SIGKILL | libc::SIGSTOP | libc::SIGCHLD) {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+        }
+        libc::prctl(libc::PR_SET_NAME, c"silo-keeper".as_ptr(), 0, 0, 0);
+
+        let mut pidfd: libc::c_int = -1;
+        let mut args: libc::clone_args = std::mem::zeroed();
+        args.flags = plan.clone_flags | libc::CLONE_PIDFD as u64;
+        args.pidfd = &mut pidfd as *mut libc::c_int as u64;
+        args.exit_signal = libc::SIGCHLD as u64;
+        if k.cgroup >= 0 {
+            args.flags |= CLONE_INTO_CGROUP;
+            args.cgroup = k.cgroup as u64;
+        }
+        let ret = libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        );
+        if ret == 0 {
+            child(plan, fds)
+        }
+        let word: i32 = if ret < 0 {
+            -*libc::__errno_location()
+        } else {
+            ret as i32
+        };
+        libc::write(k.info, (&word as *const i32).cast(), 4);
+        if ret < 0 {
+            libc::_exit(1);
+        }
+        // What is the init's alone.
+        for fd in [fds.go, fds.err, fds.stdin, fds.out, k.cgroup, k.info] {
+            if fd >= 0 {
+                libc::close(fd);
+            }
+        }
+        for (fd, _) in &plan.joins {
+            libc::close(fd.as_raw_fd());
+        }
+
+        // Reaping the init frees its pid, so not before the runtime has pinned it with a
+        // pidfd of its own (or has died, ending `ack` all the same).
+        let mut byte = 0u8;
+        libc::read(k.ack, (&mut byte as *mut u8).cast(), 1);
+        libc::close(k.ack);
+
+        let mut record = crate::monitor::ExitRecord::PENDING;
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        loop {
+            let r = libc::waitid(libc::P_PIDFD, pidfd as libc::id_t, &mut info, libc::WEXITED);
+            if r == 0 {
+                record = crate::monitor::ExitRecord::new(info.si_code, info.si_status());
+                break;
+            }
+            if *libc::__errno_location() != libc::EINTR {
+                break;
+            }
+        }
+        libc::pwrite(
+            k.exit,
+            (&record as *const crate::monitor::ExitRecord).cast(),
+            crate::monitor::ExitRecord::SIZE,
+            0,
+        );
+        libc::_exit(0)
+    }
 }
 
 /// Sets `nodev` on the mount `fd` refers to and on every mount below it.

@@ -108,6 +108,9 @@ pub struct Config {
     /// A file holding the bearer token every request must carry. Required to listen on
     /// TCP beyond loopback.
     pub token_file: Option<PathBuf>,
+    /// On shutdown, leave the containers running for the next daemon to adopt (for an
+    /// upgrade, say) instead of destroying them.
+    pub leave_running: bool,
 }
 
 /// What every request handler shares.
@@ -139,12 +142,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         cgroup_parent: config.cgroup_parent.clone(),
         ..RuntimeConfig::default()
     })?;
-    // TODO: write each container's state below the state directory and re-adopt running
-    // containers on start, so that a daemon killed with SIGKILL loses nothing. This waits
-    // on how the library will keep exit codes across a supervisor crash; until then a
-    // restarted daemon knows no containers, and those of a killed one are left running.
+    // The runtime has adopted what an earlier daemon left running (see Runtime::new).
     let daemon = Arc::new(Daemon {
-        registry: Registry::new(runtime),
+        registry: Registry::new(runtime).await,
         token,
     });
     info!(listen = ?config.listen, "silo daemon listening");
@@ -163,10 +163,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         }
     }
     listener.close();
-    // TODO: once containers survive a daemon restart, leave them running here instead.
-    // Until then nothing could manage them after the daemon exits, so they go with it.
-    daemon.registry.destroy_all().await;
-    info!("silo daemon stopped");
+    if config.leave_running {
+        info!("silo daemon stopped; its containers run on for the next one to adopt");
+    } else {
+        daemon.registry.destroy_all().await;
+        info!("silo daemon stopped");
+    }
     Ok(())
 }
 

@@ -111,12 +111,20 @@ pub(crate) struct StartPlan {
 }
 
 impl Registry {
-    pub(crate) fn new(runtime: Runtime) -> Registry {
-        Registry {
+    /// A registry of the runtime's containers: those an earlier daemon left running (the
+    /// runtime adopted them) or that exited while no daemon ran are listed from the start.
+    pub(crate) async fn new(runtime: Runtime) -> Registry {
+        let registry = Registry {
             runtime,
             entries: StdMutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
+        };
+        for container in registry.runtime.containers() {
+            if let Ok(entry) = registry.get_or_insert(container.id()) {
+                entry.begin_run().await;
+            }
         }
+        registry
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
@@ -286,8 +294,13 @@ impl Entry {
             Ok(port) => port.socket_addr().await.ok().map(|a| a.ip()),
             Err(_) => None,
         };
+        let started_at = self
+            .container
+            .started_at()
+            .or_else(|| self.container.outcome().map(|o| o.started_at))
+            .unwrap_or_else(SystemTime::now);
         let run = Arc::new(Run {
-            started_at: SystemTime::now(),
+            started_at,
             address,
             healthy: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
@@ -310,7 +323,7 @@ impl Entry {
                 error: result.err().map(|e| e.to_string()),
                 oom_killed: outcome.as_ref().is_some_and(|o| o.oom_killed),
                 destroyed: outcome.as_ref().is_some_and(|o| o.destroyed),
-                exited_at: SystemTime::now(),
+                exited_at: outcome.map_or_else(SystemTime::now, |o| o.exited_at),
             };
             debug!(container = %container.id(), code = info.code, "run ended");
             watched.exit.send_replace(Some(Arc::new(info)));
