@@ -99,13 +99,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
-    let runtime = Runtime::new(RuntimeConfig {
+    let config = RuntimeConfig {
         state_dir: cli.state_dir,
         cgroup_parent: cli.cgroup_parent,
         uplink: cli.uplink,
         resolvers: (!cli.resolvers.is_empty()).then_some(cli.resolvers),
         ..RuntimeConfig::default()
-    })?;
+    };
     match cli.command {
         Command::Run {
             id,
@@ -138,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
             let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
             let mut hup = signal(SignalKind::hangup()).context("watch SIGHUP")?;
+            let runtime = Runtime::new(config)?;
             let container = runtime.container(&id)?;
             container.start(opts).await?;
             // The first SIGINT or SIGTERM is the container's to handle; it may ignore it
@@ -181,8 +182,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         } => {
             let config = silo::daemon::Config {
                 listen,
-                state_dir: runtime.config().state_dir.clone(),
-                cgroup_parent: runtime.config().cgroup_parent.clone(),
+                state_dir: config.state_dir,
+                cgroup_parent: config.cgroup_parent,
                 token_file,
                 leave_running,
             };

@@ -144,3 +144,78 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[tokio::test]
+async fn a_second_runtime_on_the_same_state_leaves_a_live_ones_containers_alone() {
+    run("owned", |h| async move {
+        let c = h.start("mine", &["/bin/testprog", "sleep"]).await;
+        // Two `silo run`s share /run/silo this way: the second must neither adopt nor tear
+        // down what the first still owns.
+        let other = silo::Runtime::new(h.runtime.config().clone()).unwrap();
+        assert!(
+            other.containers().is_empty(),
+            "adopted a live runtime's container"
+        );
+        let theirs = other.container(c.id()).unwrap();
+        let started = theirs.start(h.opts(&["/bin/testprog", "sleep"])).await;
+        assert!(
+            matches!(started, Err(Error::OwnedElsewhere(_))),
+            "{started:?}"
+        );
+        let destroyed = theirs.destroy(None).await;
+        assert!(
+            matches!(destroyed, Err(Error::OwnedElsewhere(_))),
+            "{destroyed:?}"
+        );
+        assert!(c.running());
+        assert!(h.runtime.config().state_dir.join(c.id()).exists());
+        c.signal(libc::SIGKILL).await.unwrap();
+        assert_eq!(exit_code(&c).await, 137);
+    })
+    .await;
+}
+
+/// The parent of `pid`, from /proc.
+fn parent_of(pid: u32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("PPid:")).unwrap();
+    line[5..].trim().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_keeper_outlives_stray_signals_and_its_loss_is_reported_honestly() {
+    run("keeper", |h| async move {
+        let c = h.start("kept", &["/bin/testprog", "sleep"]).await;
+        let keeper = parent_of(c.pid().unwrap());
+        let comm = std::fs::read_to_string(format!("/proc/{keeper}/comm")).unwrap();
+        assert_eq!(comm.trim(), "silo-keeper");
+        // What a terminal's ^C or a signal to the supervisor's group would send.
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
+            // SAFETY: kill(2) on the keeper of a container this test started.
+            assert_eq!(unsafe { libc::kill(keeper as i32, sig) }, 0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            parent_of(c.pid().unwrap()),
+            keeper,
+            "the keeper died of a signal"
+        );
+
+        // Killed, it takes the exit status with it: the container is reported as exited
+        // with an unknown status, not as a success, and only once its init is gone.
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(keeper as i32, libc::SIGKILL) }, 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(c.running(), "the init runs on without its keeper");
+        c.signal(libc::SIGKILL).await.unwrap();
+        match c.monitor().await {
+            Err(Error::Exit(e)) => {
+                assert!(!e.known, "{e}");
+                assert_eq!(e.code, 255);
+                assert!(e.to_string().contains("exit status was lost"), "{e}");
+            }
+            other => panic!("monitor: {other:?}"),
+        }
+    })
+    .await;
+}
