@@ -219,3 +219,102 @@ async fn the_keeper_outlives_stray_signals_and_its_loss_is_reported_honestly() {
     })
     .await;
 }
+
+/// A small tmpfs over `dir`, unmounted when dropped (also when the test fails).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        nix::mount::mount(
+            Some("tmpfs"),
+            dir,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .expect("mount a tmpfs");
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+#[tokio::test]
+async fn a_full_state_disk_is_reported_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let _tmpfs = Tmpfs::mount(&state, "256k");
+    let runtime = silo::Runtime::new(silo::RuntimeConfig {
+        state_dir: state.clone(),
+        log_limit: 1 << 20,
+        ..silo::RuntimeConfig::default()
+    })
+    .unwrap();
+    let pid = std::process::id();
+    let opts = |args: &[&str]| silo::StartOptions {
+        bundle: common::bundle(),
+        entrypoint: Some(args.iter().map(|s| s.to_string()).collect()),
+        ..silo::StartOptions::default()
+    };
+
+    // Its output fills the disk: the log drops what does not fit, and the container runs on.
+    let writer = runtime.container(&format!("full-{pid}")).unwrap();
+    writer
+        .start(opts(&["/bin/testprog", "spew"]))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nix::sys::statvfs::statvfs(&state)
+        .unwrap()
+        .blocks_available()
+        > 0
+    {
+        assert!(Instant::now() < deadline, "the log never filled the disk");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still writing: nothing stopped reading its output.
+    let written = || {
+        let io = std::fs::read_to_string(format!("/proc/{}/io", writer.pid().unwrap())).unwrap();
+        let line = io
+            .lines()
+            .find(|l| l.starts_with("wchar:"))
+            .unwrap()
+            .to_string();
+        line[6..].trim().parse::<u64>().unwrap()
+    };
+    let before = written();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        written() > before,
+        "the container's writes block on a full disk"
+    );
+
+    // A start that cannot record itself fails at once, naming the cause, and leaves nothing.
+    let refused = runtime.container(&format!("full2-{pid}")).unwrap();
+    let err = refused
+        .start(opts(&["/bin/testprog", "sleep"]))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("write the record"), "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(
+        !state.join(refused.id()).exists(),
+        "its state directory is left"
+    );
+    for controller in ["pids", "memory", "cpu"] {
+        let cgroup = format!("/sys/fs/cgroup/{controller}/silo/{}", refused.id());
+        assert!(!std::path::Path::new(&cgroup).exists(), "{cgroup} is left");
+    }
+
+    // The exit is still recorded: its record was written whole before the disk filled.
+    writer.signal(libc::SIGKILL).await.unwrap();
+    assert_eq!(exit_code(&writer).await, 137);
+    writer.destroy(None).await.unwrap();
+    assert!(!state.join(writer.id()).exists());
+}
