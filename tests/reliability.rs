@@ -318,3 +318,84 @@ async fn a_full_state_disk_is_reported_not_fatal() {
     writer.destroy(None).await.unwrap();
     assert!(!state.join(writer.id()).exists());
 }
+
+#[tokio::test]
+async fn racing_lifecycle_calls_on_one_id_end_in_one_consistent_state() {
+    run("race", |h| async move {
+        let c = h.container("one");
+        let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for round in 0..4 {
+            // Starts, signals, destroys and monitors, all at once and in no set order.
+            let calls = (0..32).map(|i| {
+                let c = c.clone();
+                let opts = h.opts(&["/bin/testprog", "sleep"]);
+                let pids = pids.clone();
+                tokio::spawn(async move {
+                    match (i + round) % 4 {
+                        0 => {
+                            if c.start(opts).await.is_ok()
+                                && let Some(pid) = c.pid()
+                            {
+                                pids.lock().unwrap().push(pid);
+                            }
+                        }
+                        1 => drop(c.signal(libc::SIGTERM).await),
+                        2 => drop(c.destroy(Some(format!("round {round}"))).await),
+                        _ => drop(c.monitor().await),
+                    }
+                })
+            });
+            for call in futures_util::future::join_all(calls).await {
+                call.expect("no lifecycle call panics");
+            }
+            // Whatever won, the state is whole: a running container has its init in its
+            // cgroup; a stopped one has neither.
+            let cgroup = format!("/sys/fs/cgroup/pids/silo/{}", c.id());
+            match c.pid() {
+                Some(pid) => {
+                    let procs = std::fs::read_to_string(format!("{cgroup}/cgroup.procs"))
+                        .expect("a running container has its cgroup");
+                    assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
+                }
+                None => {
+                    c.monitor().await.ok();
+                    assert!(!std::path::Path::new(&cgroup).exists(), "round {round}");
+                }
+            }
+        }
+
+        // Every waiter of one run sees the same outcome, whichever call ended it.
+        c.destroy(None).await.unwrap();
+        c.start(h.opts(&["/bin/testprog", "sleep"])).await.unwrap();
+        h.record(&c).await;
+        let waiters: Vec<_> = (0..16)
+            .map(|_| {
+                let c = c.clone();
+                tokio::spawn(async move { format!("{:?}", c.monitor().await) })
+            })
+            .collect();
+        let enders = (0..8).map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                match i % 2 {
+                    0 => drop(c.destroy(Some("the end".into())).await),
+                    _ => drop(c.signal(libc::SIGKILL).await),
+                }
+            })
+        });
+        futures_util::future::join_all(enders).await;
+        let outcomes: std::collections::BTreeSet<String> = futures_util::future::join_all(waiters)
+            .await
+            .into_iter()
+            .map(|w| w.unwrap())
+            .collect();
+        assert_eq!(outcomes.len(), 1, "waiters disagree: {outcomes:?}");
+        for pid in pids.lock().unwrap().iter() {
+            assert!(
+                !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+                "{pid} lives"
+            );
+        }
+    })
+    .await;
+}
