@@ -34,6 +34,16 @@ async fn a_daemon_killed_and_restarted_adopts_its_containers() {
         d.put("logs", &["/bin/sh", "-c", counter], json!({})).await;
         let logs_path = format!("/v1/containers/{}/logs", d.id("logs"));
 
+        // Idle for a second, then stopped: a timeout the next daemon must keep.
+        let (status, idle) = d
+            .put(
+                "idle",
+                SERVE,
+                json!({ "waitForPorts": [8080], "sleepAfter": 1 }),
+            )
+            .await;
+        assert_eq!(status, 200, "{idle}");
+
         d.crash();
         // While no daemon runs, one container dies: killed from outside, as the OOM killer
         // or an operator might.
@@ -69,6 +79,12 @@ async fn a_daemon_killed_and_restarted_adopts_its_containers() {
                 d.id("gone")
             )
         );
+
+        // The adopted idle timeout still stops the idle one.
+        let info = d
+            .wait_status("idle", "stopped", Duration::from_secs(10))
+            .await;
+        assert_eq!(info["exitCode"], 143, "{info}");
 
         // The log pipe was taken over: what the container wrote before, during and after
         // the restart is there, with no line lost, and it keeps writing.

@@ -144,7 +144,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
     })?;
     // The runtime has adopted what an earlier daemon left running (see Runtime::new).
     let daemon = Arc::new(Daemon {
-        registry: Registry::new(runtime).await,
+        registry: Registry::new(runtime, config.state_dir.join("daemon")).await,
         token,
     });
     info!(listen = ?config.listen, "silo daemon listening");

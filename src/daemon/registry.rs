@@ -8,14 +8,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
+use serde_json::json;
 use tokio::sync::{Mutex, watch};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::api::ApiError;
 use crate::{Container, Error, Runtime, StartOptions};
@@ -27,6 +29,9 @@ const MAX_PROBE_DELAY: Duration = Duration::from_millis(50);
 
 pub(crate) struct Registry {
     runtime: Runtime,
+    /// What the daemon must remember of a container across its own restarts (its idle
+    /// timeout), one file per id.
+    notes: PathBuf,
     entries: StdMutex<HashMap<String, Arc<Entry>>>,
     /// Set when the daemon shuts down: no container may start after the last destroy.
     closing: AtomicBool,
@@ -113,18 +118,56 @@ pub(crate) struct StartPlan {
 impl Registry {
     /// A registry of the runtime's containers: those an earlier daemon left running (the
     /// runtime adopted them) or that exited while no daemon ran are listed from the start.
-    pub(crate) async fn new(runtime: Runtime) -> Registry {
+    pub(crate) async fn new(runtime: Runtime, notes: PathBuf) -> Registry {
+        if let Err(e) = std::fs::create_dir_all(&notes) {
+            warn!(dir = %notes.display(), error = %e, "cannot keep notes across restarts");
+        }
         let registry = Registry {
             runtime,
+            notes,
             entries: StdMutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
         };
         for container in registry.runtime.containers() {
-            if let Ok(entry) = registry.get_or_insert(container.id()) {
-                entry.begin_run().await;
+            let Ok(entry) = registry.get_or_insert(container.id()) else {
+                continue;
+            };
+            let run = entry.begin_run().await;
+            if let Some(after) = registry.sleep_after(&entry.id)
+                && container.running()
+            {
+                entry.watch_idle(run, after);
             }
         }
         registry
+    }
+
+    fn note_path(&self, id: &str) -> PathBuf {
+        self.notes.join(format!("{id}.json"))
+    }
+
+    /// Remembers (or forgets) the idle timeout of `id` for the next daemon.
+    fn remember_sleep_after(&self, id: &str, after: Option<Duration>) {
+        let path = self.note_path(id);
+        let written = match after {
+            Some(after) => std::fs::write(
+                &path,
+                json!({ "sleepAfterMs": after.as_millis() }).to_string(),
+            ),
+            None => std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }),
+        };
+        if let Err(e) = written {
+            warn!(path = %path.display(), error = %e, "cannot keep the idle timeout");
+        }
+    }
+
+    fn sleep_after(&self, id: &str) -> Option<Duration> {
+        let text = std::fs::read(self.note_path(id)).ok()?;
+        let note: serde_json::Value = serde_json::from_slice(&text).ok()?;
+        note["sleepAfterMs"].as_u64().map(Duration::from_millis)
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Entry>>> {
@@ -222,14 +265,9 @@ impl Registry {
             drop(lifecycle);
             break (entry, run);
         };
+        self.remember_sleep_after(id, plan.sleep_after);
         if let Some(after) = plan.sleep_after {
-            let span = info_span!(parent: None, "idle", container = %id);
-            tokio::spawn(
-                entry
-                    .clone()
-                    .stop_when_idle(run.clone(), after)
-                    .instrument(span),
-            );
+            entry.watch_idle(run.clone(), after);
         }
         if !plan.wait_for_ports.is_empty() {
             entry
@@ -259,6 +297,7 @@ impl Registry {
             run.exited().await;
         }
         self.remove(&entry);
+        self.remember_sleep_after(id, None);
         info!(container = %id, "container destroyed");
         Ok(())
     }
@@ -449,6 +488,11 @@ impl Entry {
                 },
             }),
         }
+    }
+
+    fn watch_idle(self: &Arc<Entry>, run: Arc<Run>, after: Duration) {
+        let span = info_span!(parent: None, "idle", container = %self.id);
+        tokio::spawn(self.clone().stop_when_idle(run, after).instrument(span));
     }
 
     /// Stops the run once no traffic has gone through the daemon into it for `after`.
