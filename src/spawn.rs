@@ -1957,7 +1957,11 @@ unsafe fn keeper(plan: &Plan, fds: &ChildFds, k: &KeeperFds) -> ! {
         if ret < 0 {
             libc::_exit(1);
         }
-        // What is the init's alone.
+        // What is the init's alone. The keeper's own stdio becomes /dev/null too: it may
+        // outlive the runtime, and must not hold a terminal or a caller's pipe open.
+        for target in 0..3 {
+            libc::dup2(fds.stdin, target);
+        }
         for fd in [fds.go, fds.err, fds.stdin, fds.out, k.cgroup, k.info] {
             if fd >= 0 {
                 libc::close(fd);

@@ -189,6 +189,25 @@ async fn the_keeper_outlives_stray_signals_and_its_loss_is_reported_honestly() {
         let keeper = parent_of(c.pid().unwrap());
         let comm = std::fs::read_to_string(format!("/proc/{keeper}/comm")).unwrap();
         assert_eq!(comm.trim(), "silo-keeper");
+        // It holds no terminal or pipe of the caller's: only the exit record, the log pipe
+        // and its init's pidfd.
+        for fd in 0..3 {
+            let target = std::fs::read_link(format!("/proc/{keeper}/fd/{fd}")).unwrap();
+            assert_eq!(target, std::path::Path::new("/dev/null"), "fd {fd}");
+        }
+        let held: Vec<String> = std::fs::read_dir(format!("/proc/{keeper}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read_link(e.path()).unwrap().display().to_string())
+            .filter(|t| t != "/dev/null")
+            .collect();
+        assert_eq!(held.len(), 3, "{held:?}");
+        assert!(held.iter().any(|t| t.ends_with("/exit")), "{held:?}");
+        assert_eq!(
+            held.iter().filter(|t| t.starts_with("pipe:")).count(),
+            1,
+            "{held:?}"
+        );
         // What a terminal's ^C or a signal to the supervisor's group would send.
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT] {
             // SAFETY: kill(2) on the keeper of a container this test started.
