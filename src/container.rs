@@ -6,7 +6,6 @@
 //! any number of callers can wait for an exit at once.
 
 use std::collections::BTreeMap;
-use std::io::ErrorKind::NotFound as ESRCH;
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -645,11 +644,17 @@ impl Container {
             Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
         };
 
-        let not_running = || io(format!("read the start time of process {pid}"));
+        // Both wait (the init on `go`, the keeper on the init), so both are there to read.
+        let live = |pid: u32| {
+            Proc::of(pid).ok_or_else(|| {
+                io(format!("read the start time of process {pid}"))(
+                    std::io::Error::from_raw_os_error(libc::ESRCH),
+                )
+            })
+        };
         record.phase = Phase::Running;
-        record.init = Some(Proc::of(pid).ok_or_else(|| not_running()(ESRCH.into()))?);
-        record.keeper =
-            Some(Proc::of(child.keeper_pid).ok_or_else(|| not_running()(ESRCH.into()))?);
+        record.init = Some(live(pid)?);
+        record.keeper = Some(live(child.keeper_pid)?);
         record.log_fd = log_reader.as_ref().map(|r| r.as_raw_fd());
         record.address = address;
         record

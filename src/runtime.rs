@@ -56,9 +56,11 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Sets up the runtime. Containers recorded in its state directory whose init is gone
-    /// (the previous runtime stopped without tearing them down) have their veths and
-    /// firewall state removed, as has the firewall state of any other host end that is gone.
+    /// Sets up the runtime, picking up what an earlier runtime on the same state directory
+    /// left when it died: its running containers are adopted, those that exited meanwhile
+    /// are torn down and keep their outcome, and half-made starts are removed (see
+    /// `Container::recover`). Containers of another live runtime there are left alone.
+    /// Adopting needs a tokio runtime: call this inside one.
     pub fn new(config: RuntimeConfig) -> Result<Runtime> {
         crate::cgroup::normalize(&config.cgroup_parent)?;
         std::fs::DirBuilder::new()
@@ -150,8 +152,15 @@ fn recover(shared: &Arc<Shared>) -> Result<HashMap<String, Container>> {
                 continue;
             }
         };
-        if let Some(c) = Container::recover(id.clone(), shared.clone(), record, owner)? {
-            containers.insert(id, c);
+        // One container that cannot be recovered must not keep the runtime from starting:
+        // it is left as it is, for an operator to look at.
+        match Container::recover(id.clone(), shared.clone(), record, owner) {
+            Ok(Some(c)) => {
+                containers.insert(id, c);
+            }
+            Ok(None) => {}
+            Err(e @ Error::Unsupported(_)) => return Err(e),
+            Err(e) => warn!(container = %id, error = %e, "cannot recover the container"),
         }
     }
     match crate::firewall::collect_garbage() {
