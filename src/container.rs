@@ -173,10 +173,18 @@ struct Init {
     pidfd: Arc<AsyncFd<OwnedFd>>,
     /// `None` when an adopted container's keeper was already gone.
     keeper: Option<Arc<AsyncFd<OwnedFd>>>,
+    /// The stack of a keeper this runtime cloned, unmapped after the last clone of this
+    /// is dropped, which is after `exited`.
+    _stack: Option<Arc<spawn::KeeperStack>>,
 }
 
 impl Init {
-    fn new(id: &str, pidfd: OwnedFd, keeper: Option<OwnedFd>) -> Result<Init> {
+    fn new(
+        id: &str,
+        pidfd: OwnedFd,
+        keeper: Option<OwnedFd>,
+        stack: Option<spawn::KeeperStack>,
+    ) -> Result<Init> {
         let watch = |fd: OwnedFd| {
             // SAFETY: the AsyncFd owns the descriptor; nothing else closes or replaces it.
             unsafe { AsyncFd::register(fd) }
@@ -190,6 +198,7 @@ impl Init {
         Ok(Init {
             pidfd: watch(pidfd)?,
             keeper: keeper.map(watch).transpose()?,
+            _stack: stack.map(Arc::new),
         })
     }
 
@@ -393,7 +402,7 @@ impl Container {
             }
             _ => None,
         };
-        let init = Init::new(id, pidfd, keeper)?;
+        let init = Init::new(id, pidfd, keeper, None)?;
         let netns = match &record.link {
             Some(_) => Some(
                 std::fs::File::open(format!("/proc/{pid}/ns/net"))
@@ -584,7 +593,7 @@ impl Container {
             exit_record: exit_record.as_fd(),
             log: log_reader.as_ref().map(|r| r.as_fd()),
         };
-        let child = spawn::spawn(
+        let mut child = spawn::spawn(
             &plan,
             &output,
             cgroup_dir.as_ref().map(|d| d.as_fd()),
@@ -604,6 +613,7 @@ impl Container {
                     .try_clone()
                     .map_err(io("duplicate the keeper's pidfd".into()))?,
             ),
+            child.take_keeper_stack(),
         )?;
         made.init = Some(init.clone());
         debug!(pid, keeper = child.keeper_pid, "init cloned");

@@ -10,13 +10,19 @@
 //! allocation, no panics, no std I/O, only `libc` calls on the [`Plan`] built in the parent,
 //! and raw syscalls where glibc's wrapper would consult its (copied, stale) thread list.
 //!
-//! The init is not the runtime's child but a *keeper*'s: a second clone of the runtime,
-//! made first, that clones the init, waits for it and writes its exit status into the
-//! container's state directory. The runtime may then die (a supervisor crash, an upgrade)
-//! without the exit status going to whoever adopts orphans; a runtime started later reads it
-//! there. The keeper also holds a copy of the log pipe's read end, so that the container's
-//! writes never fail for want of a reader while no runtime runs, and a later runtime takes
-//! it over with `pidfd_getfd`. The keeper runs the same raw-syscall discipline as the init.
+//! The init is not the runtime's child but a *keeper*'s: a process cloned first, that clones
+//! the init, waits for it and writes its exit status into the container's state directory.
+//! The runtime may then die (a supervisor crash, an upgrade) without the exit status going
+//! to whoever adopts orphans; a runtime started later reads it there. The keeper also holds
+//! a copy of the log pipe's read end, so that the container's writes never fail for want of
+//! a reader while no runtime runs, and a later runtime takes it over with `pidfd_getfd`.
+//!
+//! The keeper shares the runtime's memory (`CLONE_VM`) and runs on a stack of its own. A
+//! forked copy would cost each container a private copy of every page the runtime writes
+//! afterwards (a megabyte each within seconds, in a daemon); sharing costs a task and a few
+//! pages of stack. The price: the keeper runs beside the runtime's threads, on the cloning
+//! thread's TLS, so it makes only raw syscalls (no libc call that could write `errno`), and
+//! touches only its stack and what it copied there before telling the runtime to go on.
 //!
 //! The child blocks on a pipe until [`Child::release`] so that the parent can place it in
 //! its cgroup and wire its network first. Whatever fails in the child is written to an error
@@ -24,7 +30,7 @@
 //! so a successful exec leaves it empty.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -62,6 +68,14 @@ fn cstring(what: &'static str, value: impl AsRef<OsStr>) -> Result<CString> {
         what,
         value: String::from_utf8_lossy(bytes).into_owned(),
     })
+}
+
+/// A raw syscall, returning its errno rather than writing it to `errno`: what the keeper,
+/// which runs on a runtime thread's TLS, must use.
+macro_rules! raw {
+    ($($arg:expr),+ $(,)?) => {
+        syscalls::syscall!($($arg),+)
+    };
 }
 
 /// Where the container's standard output and error go.
@@ -1103,6 +1117,8 @@ pub struct Child {
     pub keeper_pid: u32,
     /// The keeper's pidfd; the keeper is the runtime's child, to be reaped once it exits.
     pub keeper: OwnedFd,
+    /// To be kept until the keeper has exited; taken with [`Child::take_keeper_stack`].
+    keeper_stack: Option<KeeperStack>,
     /// Read end of the error pipe (non-blocking).
     pub errors: OwnedFd,
     go: OwnedFd,
@@ -1124,6 +1140,11 @@ impl Child {
             errors: self.errors,
         })
     }
+
+    /// The keeper's stack, for the caller to drop once the keeper has exited.
+    pub fn take_keeper_stack(&mut self) -> Option<KeeperStack> {
+        self.keeper_stack.take()
+    }
 }
 
 /// What the runtime keeps of a released init.
@@ -1132,6 +1153,79 @@ pub struct Released {
     pub pidfd: OwnedFd,
     pub keeper: OwnedFd,
     pub errors: OwnedFd,
+}
+
+/// The keeper's stack, mapped in the runtime's memory, which the keeper shares. It stays
+/// mapped while the keeper may run: dropped before the keeper has exited, it is leaked
+/// rather than pulled from under it. (If the runtime dies first, the memory lives on with
+/// the keeper.)
+#[derive(Debug)]
+pub struct KeeperStack {
+    base: *mut libc::c_void,
+    /// The keeper's pidfd, readable once it has exited.
+    keeper: Option<OwnedFd>,
+}
+
+// SAFETY: the mapping is owned by this value alone; the pointer is only unmapped on drop.
+unsafe impl Send for KeeperStack {}
+// SAFETY: as above; nothing reads or writes through it from the runtime's side.
+unsafe impl Sync for KeeperStack {}
+
+impl KeeperStack {
+    /// Room for the keeper and for the init's setup (the init starts on a copy of it); only
+    /// the pages touched cost memory.
+    const SIZE: usize = 256 << 10;
+    const GUARD: usize = 4096;
+
+    fn new() -> Result<KeeperStack> {
+        // SAFETY: a fresh anonymous mapping, not yet used by anything.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                Self::SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(os("map the keeper's stack")(std::io::Error::last_os_error()));
+        }
+        let stack = KeeperStack { base, keeper: None };
+        // A guard page at the bottom turns an overflow into a fault, not a corruption.
+        // SAFETY: the lowest page of the mapping made above.
+        if unsafe { libc::mprotect(base, Self::GUARD, libc::PROT_NONE) } != 0 {
+            return Err(os("guard the keeper's stack")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(stack)
+    }
+
+    /// The initial stack pointer: the stack grows down from the end of the mapping.
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which clone takes as the stack's top.
+        unsafe { self.base.cast::<u8>().add(Self::SIZE).cast() }
+    }
+}
+
+impl Drop for KeeperStack {
+    fn drop(&mut self) {
+        if let Some(keeper) = &self.keeper {
+            let mut fds = [nix::poll::PollFd::new(
+                keeper.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let exited = nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO) == Ok(1);
+            if !exited {
+                tracing::warn!("the keeper still runs: leaving its stack mapped");
+                return;
+            }
+        }
+        // SAFETY: our own mapping, which no keeper runs on any more.
+        unsafe { libc::munmap(self.base, Self::SIZE) };
+    }
 }
 
 /// What the keeper holds for the runtime besides the init.
@@ -1202,33 +1296,40 @@ pub fn spawn(
         cgroup: cgroup_dir.map_or(-1, |fd| fd.as_raw_fd()),
     };
 
+    if plan.joins.len() > MAX_JOINS {
+        return Err(os("join the bundle's namespaces")(
+            std::io::Error::from_raw_os_error(libc::E2BIG),
+        ));
+    }
+    let stack = KeeperStack::new()?;
+    let start = KeeperStart {
+        plan,
+        fds,
+        k: keeper_fds,
+    };
     let mut pidfd: libc::c_int = -1;
-    // SAFETY: clone_args is a plain C struct; all-zero is its documented default.
-    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    args.flags = libc::CLONE_PIDFD as u64;
-    args.pidfd = &mut pidfd as *mut libc::c_int as u64;
-    args.exit_signal = libc::SIGCHLD as u64;
-    // SAFETY: clone3 without CLONE_VM gives the child a copy of our memory, like fork. The
-    // child runs only `keeper`, which never returns and touches nothing but `plan` and the
-    // descriptors through raw syscalls (see the module comment).
+    // SAFETY: glibc's clone runs `keeper_main(&start)` on `stack`, in a new process that
+    // shares our memory. `start` and `plan` outlive its use of them: we block below until
+    // it reports, and it copies what it needs before reporting. The stack stays mapped
+    // until the keeper is reaped (see KeeperStack).
     let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const libc::clone_args,
-            std::mem::size_of::<libc::clone_args>(),
+        libc::clone(
+            keeper_main,
+            stack.top(),
+            libc::CLONE_VM | libc::CLONE_PIDFD | libc::SIGCHLD,
+            (&start as *const KeeperStart<'_>).cast_mut().cast(),
+            &mut pidfd as *mut libc::c_int,
         )
     };
-    if ret == 0 {
-        // SAFETY: we are the freshly cloned keeper.
-        unsafe { keeper(plan, &fds, &keeper_fds) }
-    }
     if ret < 0 {
         return Err(os("clone the container's keeper process")(
             std::io::Error::last_os_error(),
         ));
     }
-    // SAFETY: clone3 stored a new pidfd that nothing else owns.
+    // SAFETY: clone stored a new pidfd that nothing else owns.
     let keeper_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    let mut stack = stack;
+    stack.keeper = keeper_pidfd.try_clone().ok();
     let keeper_pid = ret as u32;
     // The child's ends close here, in the parent only, so that the init sees the end of
     // `go` and the keeper the end of `ack` if we die.
@@ -1255,6 +1356,7 @@ pub fn spawn(
         pidfd,
         keeper_pid,
         keeper: keeper_pidfd,
+        keeper_stack: Some(stack),
         errors: err_r,
         go: go_w,
     })
@@ -1309,9 +1411,13 @@ fn reap_blocking(pidfd: &OwnedFd) {
     }
 }
 
+/// One of each kind of namespace at most.
+const MAX_JOINS: usize = 8;
+
 /// Not in every libc release yet; the value is fixed by the kernel ABI.
 const CLONE_INTO_CGROUP: u64 = 0x200000000;
 
+#[derive(Clone, Copy)]
 struct ChildFds {
     go: RawFd,
     err: RawFd,
@@ -1321,6 +1427,7 @@ struct ChildFds {
 }
 
 /// The keeper's own descriptors (-1: none).
+#[derive(Clone, Copy)]
 struct KeeperFds {
     /// Where it reports the init's pid.
     info: RawFd,
@@ -1466,7 +1573,11 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         // other threads are reading to their end (a helper command's output, say). Keeping
         // those while we wait below would stall their readers, and they may be what our
         // release waits for. So drop all but our own at once.
-        close_all_but(plan, fds, &[]);
+        close_all_but(
+            [fds.go, fds.err, fds.stdin, fds.out]
+                .into_iter()
+                .chain(plan.joins.iter().map(|(fd, _)| fd.as_raw_fd())),
+        );
 
         // Wait for the parent: it puts us in our cgroup and wires our network meanwhile.
         let mut byte = 0u8;
@@ -1876,127 +1987,188 @@ unsafe fn runs_runtime(path: *const libc::c_char, exe: (u64, u64), depth: u32) -
     }
 }
 
-/// Closes every descriptor above stdio except the child's, those of the namespaces it
-/// joins, and `extra`.
+/// Closes every descriptor above stdio except those in `keep`. Raw syscalls and no
+/// allocation, so that both the init and the keeper may use it.
 ///
 /// # Safety
-/// Only for the cloned child or keeper.
-unsafe fn close_all_but(plan: &Plan, fds: &ChildFds, extra: &[RawFd]) {
-    // Allocation-free: the few descriptors to keep, sorted in a fixed array.
-    let mut keep = [0 as RawFd; 16];
+/// Only for the cloned init or keeper.
+unsafe fn close_all_but(keep: impl IntoIterator<Item = RawFd>) {
+    let mut sorted = [0 as RawFd; 24];
     let mut n = 0;
-    let joined = plan.joins.iter().map(|(fd, _)| fd.as_raw_fd());
-    for fd in [fds.go, fds.err, fds.stdin, fds.out]
-        .into_iter()
-        .chain(joined)
-        .chain(extra.iter().copied())
-    {
-        if fd > 2 && n < keep.len() {
-            keep[n] = fd;
+    for fd in keep {
+        if fd > 2 && n < sorted.len() {
+            sorted[n] = fd;
             n += 1;
         }
     }
-    let keep = &mut keep[..n];
-    keep.sort_unstable();
-    let mut first: libc::c_uint = 3;
-    for &fd in keep.iter() {
-        let fd = fd as libc::c_uint;
+    let sorted = &mut sorted[..n];
+    sorted.sort_unstable();
+    let mut first: u32 = 3;
+    for &fd in sorted.iter() {
+        let fd = fd as u32;
         if fd > first {
-            // SAFETY: closing descriptors of our own copy of the table.
-            unsafe { libc::close_range(first, fd - 1, 0) };
+            // SAFETY: closing descriptors of our own table.
+            let _ = unsafe { raw!(syscalls::Sysno::close_range, first, fd - 1, 0) };
         }
         first = first.max(fd + 1);
     }
     // SAFETY: as above.
-    unsafe { libc::close_range(first, libc::c_uint::MAX, 0) };
+    let _ = unsafe { raw!(syscalls::Sysno::close_range, first, u32::MAX, 0) };
+}
+
+/// What [`spawn`] hands the keeper, on the runtime's stack.
+struct KeeperStart<'a> {
+    plan: &'a Plan,
+    fds: ChildFds,
+    k: KeeperFds,
+}
+
+/// The keeper's entry point, called by glibc's clone on the keeper's own stack.
+extern "C" fn keeper_main(start: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `start` is the KeeperStart that spawn passed, alive until we report below.
+    unsafe {
+        let start = &*start.cast::<KeeperStart<'_>>();
+        keeper(start.plan, start.fds, start.k)
+    }
 }
 
 /// The keeper: clones the init, reports its pid, waits for it to exit and records how.
 ///
 /// # Safety
-/// Must only run in the keeper cloned by [`spawn`], once.
-unsafe fn keeper(plan: &Plan, fds: &ChildFds, k: &KeeperFds) -> ! {
-    // SAFETY: raw syscalls on the plan, the descriptors and the stack only.
+/// Must only run in the keeper cloned by [`spawn`], once. Raw syscalls only: see the module
+/// comment.
+unsafe fn keeper(plan: &Plan, fds: ChildFds, k: KeeperFds) -> ! {
+    use syscalls::Sysno;
+    // Copied now: once the runtime hears from us, `plan` may be gone.
+    let mut joins = [-1 as RawFd; MAX_JOINS];
+    for (slot, (fd, _)) in joins.iter_mut().zip(&plan.joins) {
+        *slot = fd.as_raw_fd();
+    }
+    let clone_flags = plan.clone_flags;
+
+    // SAFETY: raw syscalls on descriptors, the stack and (until the report) the plan.
     unsafe {
-        close_all_but(plan, fds, &[k.info, k.ack, k.exit, k.log, k.cgroup]);
+        close_all_but(
+            [fds.go, fds.err, fds.stdin, fds.out]
+                .into_iter()
+                .chain([k.info, k.ack, k.exit, k.log, k.cgroup])
+                .chain(joins),
+        );
         // Out of the runtime's session and process group, and deaf to every signal but
         // SIGKILL: a terminal's ^C, or a signal to the supervisor's group, must not take
-        // the keeper (and with it the exit status) along. SIGCHLD stays as it is, since
-        // ignoring it would let the kernel reap the init for us.
-        libc::setsid();
-        for sig in 1..=64 {
-            if !matches!(sig, libc::SIGKILL | libc::SIGSTOP | libc::SIGCHLD) {
-                libc::signal(sig, libc::SIG_IGN);
+        // the keeper (and with it the exit status) along. SIGCHLD is left at its default:
+        // ignoring it would let the kernel reap the init for us, and a handler of the
+        // runtime's must not run here.
+        let _ = raw!(Sysno::setsid);
+        for sig in 1..=64usize {
+            if sig == libc::SIGKILL as usize || sig == libc::SIGSTOP as usize {
+                continue;
             }
+            let action = KernelSigaction {
+                handler: if sig == libc::SIGCHLD as usize {
+                    libc::SIG_DFL
+                } else {
+                    libc::SIG_IGN
+                },
+                flags: 0,
+                restorer: 0,
+                mask: 0,
+            };
+            let _ = raw!(
+                Sysno::rt_sigaction,
+                sig,
+                &action as *const KernelSigaction,
+                0,
+                8
+            );
         }
-        libc::prctl(libc::PR_SET_NAME, c"silo-keeper".as_ptr(), 0, 0, 0);
+        let _ = raw!(Sysno::prctl, libc::PR_SET_NAME, c"silo-keeper".as_ptr());
 
+        // The init is an ordinary fork-like child: it gets a copy of the memory we share,
+        // taken now, while the runtime waits for our report.
         let mut pidfd: libc::c_int = -1;
         let mut args: libc::clone_args = std::mem::zeroed();
-        args.flags = plan.clone_flags | libc::CLONE_PIDFD as u64;
+        args.flags = clone_flags | libc::CLONE_PIDFD as u64;
         args.pidfd = &mut pidfd as *mut libc::c_int as u64;
         args.exit_signal = libc::SIGCHLD as u64;
         if k.cgroup >= 0 {
             args.flags |= CLONE_INTO_CGROUP;
             args.cgroup = k.cgroup as u64;
         }
-        let ret = libc::syscall(
-            libc::SYS_clone3,
+        let cloned = raw!(
+            Sysno::clone3,
             &args as *const libc::clone_args,
-            std::mem::size_of::<libc::clone_args>(),
+            std::mem::size_of::<libc::clone_args>()
         );
-        if ret == 0 {
-            child(plan, fds)
-        }
-        let word: i32 = if ret < 0 {
-            -*libc::__errno_location()
-        } else {
-            ret as i32
+        let word: i32 = match cloned {
+            Ok(0) => child(plan, &fds),
+            Ok(pid) => pid as i32,
+            Err(errno) => -errno.into_raw(),
         };
-        libc::write(k.info, (&word as *const i32).cast(), 4);
-        if ret < 0 {
+        // From here on the plan is not ours to read.
+        let _ = raw!(Sysno::write, k.info, &word as *const i32, 4);
+        if word < 0 {
             libc::_exit(1);
         }
-        // What is the init's alone. The keeper's own stdio becomes /dev/null too: it may
-        // outlive the runtime, and must not hold a terminal or a caller's pipe open.
+        // What is the init's alone. Our own stdio becomes /dev/null too: we may outlive the
+        // runtime, and must not hold a terminal or a caller's pipe open.
         for target in 0..3 {
-            libc::dup2(fds.stdin, target);
+            let _ = raw!(Sysno::dup2, fds.stdin, target);
         }
-        for fd in [fds.go, fds.err, fds.stdin, fds.out, k.cgroup, k.info] {
+        for fd in [fds.go, fds.err, fds.stdin, fds.out, k.cgroup, k.info]
+            .into_iter()
+            .chain(joins)
+        {
             if fd >= 0 {
-                libc::close(fd);
+                let _ = raw!(Sysno::close, fd);
             }
-        }
-        for (fd, _) in &plan.joins {
-            libc::close(fd.as_raw_fd());
         }
 
         // Reaping the init frees its pid, so not before the runtime has pinned it with a
         // pidfd of its own (or has died, ending `ack` all the same).
         let mut byte = 0u8;
-        libc::read(k.ack, (&mut byte as *mut u8).cast(), 1);
-        libc::close(k.ack);
+        let _ = raw!(Sysno::read, k.ack, &mut byte as *mut u8, 1);
+        let _ = raw!(Sysno::close, k.ack);
 
         let mut record = crate::monitor::ExitRecord::PENDING;
         let mut info: libc::siginfo_t = std::mem::zeroed();
         loop {
-            let r = libc::waitid(libc::P_PIDFD, pidfd as libc::id_t, &mut info, libc::WEXITED);
-            if r == 0 {
-                record = crate::monitor::ExitRecord::new(info.si_code, info.si_status());
-                break;
-            }
-            if *libc::__errno_location() != libc::EINTR {
-                break;
+            let waited = raw!(
+                Sysno::waitid,
+                libc::P_PIDFD,
+                pidfd,
+                &mut info as *mut libc::siginfo_t,
+                libc::WEXITED,
+                0
+            );
+            match waited {
+                Ok(_) => {
+                    record = crate::monitor::ExitRecord::new(info.si_code, info.si_status());
+                    break;
+                }
+                Err(syscalls::Errno::EINTR) => {}
+                Err(_) => break,
             }
         }
-        libc::pwrite(
+        let _ = raw!(
+            Sysno::pwrite64,
             k.exit,
-            (&record as *const crate::monitor::ExitRecord).cast(),
+            &record as *const crate::monitor::ExitRecord,
             crate::monitor::ExitRecord::SIZE,
-            0,
+            0
         );
+        // _exit makes one syscall and writes no errno.
         libc::_exit(0)
     }
+}
+
+/// The kernel's struct sigaction for rt_sigaction (not libc's, which differs in layout).
+#[repr(C)]
+struct KernelSigaction {
+    handler: libc::sighandler_t,
+    flags: libc::c_ulong,
+    restorer: usize,
+    mask: u64,
 }
 
 /// Sets `nodev` on the mount `fd` refers to and on every mount below it.
