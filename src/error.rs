@@ -1,6 +1,6 @@
 //! The library's error: each module's own error, plus the lifecycle errors of a container.
 
-use crate::{bundle, cgroup, firewall, monitor, network, spawn};
+use crate::{bundle, cgroup, firewall, image, monitor, network, spawn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -14,6 +14,8 @@ pub enum Error {
     Network(#[from] network::Error),
     #[error(transparent)]
     Firewall(#[from] firewall::Error),
+    #[error(transparent)]
+    Image(#[from] image::Error),
     /// The container exited unsuccessfully or was destroyed with a reason.
     #[error(transparent)]
     Exit(#[from] monitor::Exit),
