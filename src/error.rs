@@ -21,6 +21,8 @@ pub enum Error {
     Exit(#[from] monitor::Exit),
     #[error("invalid container id {0:?}: use 1 to 64 of A-Z a-z 0-9 _ . - (not first)")]
     InvalidId(String),
+    #[error("container id {0:?} is reserved: the image store has that name")]
+    ReservedId(String),
     #[error("container {0} is already running")]
     AlreadyRunning(String),
     #[error("container {0} is not running")]

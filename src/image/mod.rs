@@ -19,6 +19,10 @@ use tracing::{debug, info};
 
 pub use store::{Blobs, Ref, Store};
 
+/// The store's directory in a state directory. Containers' state directories sit beside
+/// it, so no container may take this as its id.
+pub const STORE_DIR: &str = "images";
+
 /// Errors from importing or unpacking an image.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

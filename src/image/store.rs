@@ -221,7 +221,11 @@ impl Store {
         let dir = dir.into();
         for sub in ["blobs/sha256", "refs", "tmp"] {
             let path = dir.join(sub);
-            std::fs::create_dir_all(&path).map_err(|source| Error::Io {
+            // Private like the rest of the state directory.
+            use std::os::unix::fs::DirBuilderExt;
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true).mode(0o700);
+            builder.create(&path).map_err(|source| Error::Io {
                 what: "create",
                 path,
                 source,
