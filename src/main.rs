@@ -104,6 +104,18 @@ enum ImageCommand {
         /// The bundle directory to make (missing or empty).
         dir: PathBuf,
     },
+    /// Pull an image from a registry into the store, for this machine's platform.
+    Pull {
+        /// registry/repository:tag or registry/repository@sha256:HEX; stored under this
+        /// name.
+        reference: String,
+        /// Plain HTTP to the registry instead of HTTPS.
+        #[arg(long)]
+        insecure: bool,
+        /// Log in with this user name; the password comes from SILO_REGISTRY_PASSWORD.
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// List the images in the store.
     Ls,
 }
@@ -129,6 +141,21 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     let command = match cli.command {
         Command::Image { command } => {
             let store = open_store(&cli.state_dir)?;
+            if let ImageCommand::Pull {
+                reference,
+                insecure,
+                user,
+            } = command
+            {
+                let password = std::env::var("SILO_REGISTRY_PASSWORD").unwrap_or_default();
+                let opts = silo::image::pull::PullOptions {
+                    insecure,
+                    credentials: user.map(|u| (u, password)),
+                };
+                let r = silo::image::pull::pull(&store, &reference, &opts).await?;
+                writeln!(std::io::stdout(), "{} {}", r.name, r.manifest.digest())?;
+                return Ok(0);
+            }
             return tokio::task::spawn_blocking(move || image(&store, command)).await?;
         }
         command => command,
@@ -241,6 +268,7 @@ fn image(store: &Store, command: ImageCommand) -> anyhow::Result<u8> {
             let (blobs, manifest) = silo::image::locate(store, &image)?;
             silo::image::unpack(&blobs, &manifest, &dir)?;
         }
+        ImageCommand::Pull { .. } => unreachable!("pulls run on the async runtime"),
         ImageCommand::Ls => {
             writeln!(out, "{:<40} {:<19} {:>10}", "NAME", "MANIFEST", "SIZE")?;
             for r in store.list()? {

@@ -651,3 +651,143 @@ fn assert_no_leftovers(state: &Path, id: &str) {
         assert!(!leaf.exists(), "cgroup {} was left behind", leaf.display());
     }
 }
+
+/// A registry (Debian's docker-registry) of the test's own on a free loopback port,
+/// killed by its pid when dropped.
+struct Registry {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        let bin = Path::new("/usr/bin/docker-registry");
+        assert!(bin.exists(), "docker-registry is missing: run scripts/deps");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        let storage = dir.join("registry");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    \
+                 rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let registry = Registry { child, addr };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// Pushes the image of an OCI layout (its ref `name`) to `repo:tag` with skopeo.
+    fn push(&self, layout: &Path, name: &str, target: &str) {
+        let out = Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--dest-tls-verify=false", "-q"])
+            .arg(format!("oci:{}:{name}", layout.display()))
+            .arg(format!("docker://{}/{target}", self.addr))
+            .output()
+            .expect("skopeo is missing: run scripts/deps");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn images_pull_from_a_registry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let oci = tmp.path().join("oci");
+    demo_image(&oci, json!({"Cmd": ["/bin/sh", "-c", "echo pulled"]}));
+    let registry = Registry::start(tmp.path());
+    registry.push(&oci, "demo", "silo/demo:1");
+    let reference = format!("{}/silo/demo:1", registry.addr);
+
+    let out = silo(&state, &["image", "pull", &reference, "--insecure"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = format!("pull-{}", std::process::id());
+    let out = silo(&state, &["run", "--id", &id, &reference]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pulled\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_no_leftovers(&state, &id);
+
+    // A pull goes on from a partial download; a partial one that is wrong is dropped, so
+    // the pull after it starts over and succeeds.
+    let store = Store::open(state.join("images")).unwrap();
+    let r = store.get(&reference).unwrap();
+    let manifest: oci_spec::image::ImageManifest =
+        store.blobs().json(&r.manifest, "image manifest").unwrap();
+    let layer = &manifest.layers()[0];
+    let blob = store.blobs().path(layer.digest()).unwrap();
+    let data = std::fs::read(&blob).unwrap();
+    let partial = store
+        .dir()
+        .join(format!("tmp/{}.partial", layer.digest().digest()));
+    for (seed, ok) in [
+        (data[..data.len() / 2].to_vec(), true),
+        (vec![0u8; 100], false),
+    ] {
+        std::fs::remove_file(&blob).unwrap();
+        std::fs::write(&partial, &seed).unwrap();
+        let out = silo(&state, &["image", "pull", &reference, "--insecure"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), ok, "{stderr}");
+        if !ok {
+            assert!(stderr.contains(&layer.digest().to_string()), "{stderr}");
+            let out = silo(&state, &["image", "pull", &reference, "--insecure"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(std::fs::read(&blob).unwrap(), data);
+        assert!(!partial.exists());
+    }
+
+    // Nothing listens for this one: the error names the reference.
+    let out = silo(
+        &state,
+        &["image", "pull", "127.0.0.1:1/none:1", "--insecure"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1/none:1"));
+    drop(registry);
+}

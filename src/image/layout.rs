@@ -75,8 +75,8 @@ pub struct Found {
 
 /// The annotation containerd and Docker put the full image name in.
 const CONTAINERD_NAME: &str = "io.containerd.image.name";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub(crate) const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub(crate) const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// The architecture of this machine, as OCI platforms spell it.
 fn host_arch() -> &'static str {
@@ -89,7 +89,20 @@ fn host_arch() -> &'static str {
     }
 }
 
-fn is_index(mt: &MediaType) -> bool {
+/// Refuses a descriptor that does not name an image manifest.
+pub(crate) fn check_manifest(desc: &Descriptor, origin: &Path) -> Result<()> {
+    if is_manifest(desc.media_type()) {
+        return Ok(());
+    }
+    Err(Error::MediaType {
+        path: origin.to_path_buf(),
+        what: "manifest",
+        digest: desc.digest().to_string(),
+        media_type: desc.media_type().to_string(),
+    })
+}
+
+pub(crate) fn is_index(mt: &MediaType) -> bool {
     matches!(mt, MediaType::ImageIndex) || mt.to_string() == DOCKER_LIST
 }
 
@@ -138,10 +151,14 @@ fn names(desc: &Descriptor) -> Vec<&str> {
         .collect()
 }
 
-/// Picks the one image manifest `index` leads to: the one `name` selects, if any does,
-/// and for this machine's platform. Nested indexes (multi-platform images) are followed.
-fn pick(source: &impl Source, index: &ImageIndex, name: Option<&str>) -> Result<Found> {
-    let mut candidates: Vec<&Descriptor> = index.manifests().iter().collect();
+/// The one descriptor of `list` that `name` selects (when any descriptor carries it) and
+/// that is for this machine's platform (when it says). `origin` names the list's source.
+pub(crate) fn choose<'a>(
+    list: &'a [Descriptor],
+    name: Option<&str>,
+    origin: &Path,
+) -> Result<&'a Descriptor> {
+    let mut candidates: Vec<&Descriptor> = list.iter().collect();
     if let Some(name) = name {
         let named: Vec<&Descriptor> = candidates
             .iter()
@@ -158,9 +175,9 @@ fn pick(source: &impl Source, index: &ImageIndex, name: Option<&str>) -> Result<
             p.os().to_string() == "linux" && p.architecture().to_string() == host_arch()
         })
     });
-    let desc = match candidates.as_slice() {
-        [] => return Err(Error::NoManifest(source.origin().to_path_buf())),
-        [one] => *one,
+    match candidates.as_slice() {
+        [] => Err(Error::NoManifest(origin.to_path_buf())),
+        [one] => Ok(one),
         many => {
             let names: Vec<String> = many
                 .iter()
@@ -170,12 +187,18 @@ fn pick(source: &impl Source, index: &ImageIndex, name: Option<&str>) -> Result<
                         .map_or_else(|| d.digest().to_string(), |n| n.to_string())
                 })
                 .collect();
-            return Err(Error::Ambiguous {
-                path: source.origin().to_path_buf(),
+            Err(Error::Ambiguous {
+                path: origin.to_path_buf(),
                 names: names.join(", "),
-            });
+            })
         }
-    };
+    }
+}
+
+/// Picks the one image manifest `index` leads to (see [`choose`]), following nested
+/// indexes (multi-platform images).
+fn pick(source: &impl Source, index: &ImageIndex, name: Option<&str>) -> Result<Found> {
+    let desc = choose(index.manifests(), name, source.origin())?;
     let found_name = names(desc).first().map(|n| n.to_string());
     if is_index(desc.media_type()) {
         let nested: ImageIndex = source.json(desc, "image index")?;
@@ -186,14 +209,7 @@ fn pick(source: &impl Source, index: &ImageIndex, name: Option<&str>) -> Result<
             name: found_name.or(inner.name),
         });
     }
-    if !is_manifest(desc.media_type()) {
-        return Err(Error::MediaType {
-            path: source.origin().to_path_buf(),
-            what: "manifest",
-            digest: desc.digest().to_string(),
-            media_type: desc.media_type().to_string(),
-        });
-    }
+    check_manifest(desc, source.origin())?;
     Ok(Found {
         manifest: desc.clone(),
         name: found_name,

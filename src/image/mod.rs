@@ -1,13 +1,14 @@
 //! OCI images: importing them into silo's store and unpacking them into bundles.
 //!
 //! An image reaches silo as an OCI image layout directory or a `docker save` / `podman
-//! save` archive ([`layout`]); its blobs go into a content-addressed [`store`] shared by
+//! save` archive ([`layout`]), or from a registry ([`pull`]); its blobs go into a content-addressed [`store`] shared by
 //! all images, each verified against its digest. [`unpack`](fn@unpack) builds a bundle
 //! from one: the layers applied in order into `rootfs/` ([`unpack`](mod@unpack) keeps every
 //! entry inside it), and a `config.json` made from the image configuration ([`config`]).
 
 pub mod config;
 pub mod layout;
+pub mod pull;
 pub mod store;
 pub mod unpack;
 
@@ -34,6 +35,8 @@ pub enum Error {
     Unpack(#[from] unpack::Error),
     #[error(transparent)]
     Config(#[from] config::Error),
+    #[error(transparent)]
+    Pull(#[from] pull::Error),
     #[error("layer {digest} has media type {media_type}, which silo cannot unpack")]
     LayerType { digest: String, media_type: String },
     #[error("{0} names no image: give it a name")]

@@ -257,6 +257,36 @@ impl Store {
         Ok(Staged { file, hex, size })
     }
 
+    /// Hashes a file already in the store's temporary directory (a finished download) and
+    /// takes it over as a staged blob: dropped unless committed.
+    pub(crate) fn stage_existing(&self, path: &Path) -> Result<Staged> {
+        let io = |what| {
+            let path = path.to_path_buf();
+            move |source| Error::Io { what, path, source }
+        };
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io("open"))?;
+        let guard = tempfile::TempPath::try_from_path(path).map_err(io("take over"))?;
+        let (hex, size) = copy_hashing(&mut file, &mut std::io::sink()).map_err(io("read"))?;
+        Ok(Staged {
+            file: tempfile::NamedTempFile::from_parts(file, guard),
+            hex,
+            size,
+        })
+    }
+
+    /// Where a download of the blob `digest` is kept until it is complete, so that a
+    /// later pull can go on from where an interrupted one stopped.
+    pub(crate) fn partial_path(&self, digest: &Digest) -> Result<PathBuf> {
+        Ok(self
+            .dir
+            .join("tmp")
+            .join(format!("{}.partial", sha256_hex(digest)?)))
+    }
+
     /// Moves a staged blob into place once it matches `desc`. A blob already there is kept:
     /// its name is its content.
     pub(crate) fn commit(&self, staged: Staged, desc: &Descriptor) -> Result<()> {
