@@ -191,6 +191,8 @@ fn layers_unpack_exactly() {
         E::Symlink("bin/link", "tool"),
         E::Symlink("abs", "/etc/passwd"),
         E::Fifo("dev-like"),
+        E::File("swap/inner", "a directory, then a file", 0o644),
+        E::File("tofile", "a file, then a directory", 0o644),
     ]);
     let top = tar_of(&[
         E::File("etc/.wh.gone", "", 0o644),
@@ -199,6 +201,8 @@ fn layers_unpack_exactly() {
         E::File("data/new", "new", 0o600),
         E::Hardlink("bin/hard", "bin/tool"),
         E::File("etc/passwd", "root:x:0:0:root:/root:/bin/sh\n", 0o644),
+        E::File("swap", "file", 0o644),
+        E::Dir("tofile/", 0o711),
     ]);
     let last = tar_of(&[
         E::File("x/one", "one", 0o644),
@@ -236,6 +240,8 @@ fn layers_unpack_exactly() {
             "file 644 0:0 root:x:0:\napp:x:1000:\nwheel:x:10:app\n",
         ),
         ("etc/passwd", "file 644 0:0 root:x:0:0:root:/root:/bin/sh\n"),
+        ("swap", "file 644 0:0 file"),
+        ("tofile", "dir 711 0:0"),
         ("x", "dir 755 0:0"),
         ("x/one", "file 644 0:0 one"),
         ("x/two", "file 644 0:0 one"),
@@ -386,6 +392,20 @@ fn hostile_layers_are_refused_and_write_nothing_outside() {
         assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
     }
     assert!(!Path::new("/etc/owned").exists());
+
+    // A file over a symlink replaces the symlink; it is never written through it.
+    let oci = tmp.path().join("oci-through");
+    let target = victim.display().to_string();
+    let layers = [
+        (tar_of(&[E::Symlink("through", &target)]), TAR),
+        (tar_of(&[E::File("through", "mine", 0o644)]), TAR),
+    ];
+    let manifest = layout(&oci, &layers, json!({"Cmd": ["/x"]}), "through");
+    let bundle = tmp.path().join("through");
+    image::unpack(&Blobs::new(&oci), &descriptor(&manifest), &bundle).unwrap();
+    let meta = std::fs::symlink_metadata(bundle.join("rootfs/through")).unwrap();
+    assert!(meta.is_file());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "victim");
 }
 
 #[test]

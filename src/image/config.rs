@@ -176,7 +176,9 @@ struct User {
 
 /// Resolves an image's `User` (`user`, `uid`, `user:group`, `uid:gid`, ...) against the
 /// image's own /etc/passwd and /etc/group, read through `read`.
-fn resolve_user(spec: &str, read: &dyn Fn(&'static str) -> Result<Option<String>>) -> Result<User> {
+type ReadFile<'a> = &'a dyn Fn(&'static str) -> Result<Option<String>>;
+
+fn resolve_user(spec: &str, read: ReadFile<'_>) -> Result<User> {
     let (user, group) = match spec.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (spec, None),

@@ -49,7 +49,7 @@ pub enum Error {
     },
     #[error("{archive}: entry {entry:?} is missing")]
     MissingEntry { archive: PathBuf, entry: String },
-    #[error("{archive}: layer {entry:?} hashes to {actual}, but the image config lists {expected}")]
+    #[error("{archive}: layer {entry:?} hashes to {actual}, the image config lists {expected}")]
     LayerMismatch {
         archive: PathBuf,
         entry: String,

@@ -1,10 +1,11 @@
 //! OCI images: importing them into silo's store and unpacking them into bundles.
 //!
 //! An image reaches silo as an OCI image layout directory or a `docker save` / `podman
-//! save` archive ([`layout`]), or from a registry ([`pull`]); its blobs go into a content-addressed [`store`] shared by
-//! all images, each verified against its digest. [`unpack`](fn@unpack) builds a bundle
-//! from one: the layers applied in order into `rootfs/` ([`unpack`](mod@unpack) keeps every
-//! entry inside it), and a `config.json` made from the image configuration ([`config`]).
+//! save` archive ([`layout`]), or from a registry ([`pull`]); its blobs go into a
+//! content-addressed [`store`] shared by all images, each verified against its digest.
+//! [`unpack`](fn@unpack) builds a bundle from one: the layers applied in order into
+//! `rootfs/` ([`unpack`](mod@unpack) keeps every entry inside it), and a `config.json`
+//! made from the image configuration ([`config`]).
 
 pub mod config;
 pub mod layout;

@@ -200,7 +200,8 @@ async fn fetch_blob(
         match download(client, image, desc, &partial).await {
             Ok(()) => break,
             Err(e) if tries < TRIES => {
-                warn!(digest = %desc.digest(), error = %e, tries, "blob download failed; retrying");
+                let digest = desc.digest().to_string();
+                warn!(digest, error = %e, tries, "blob download failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500 * u64::from(tries))).await;
             }
             Err(source) => {
