@@ -190,9 +190,10 @@ pub struct Store {
     blobs: Blobs,
 }
 
-/// A blob written to the store's temporary directory and hashed, not yet in place.
+/// A blob written to the store's temporary directory and hashed, not yet in place; removed
+/// when dropped. It holds no open file, so an archive of many files stages them all.
 pub(crate) struct Staged {
-    file: tempfile::NamedTempFile,
+    file: tempfile::TempPath,
     pub(crate) hex: String,
     pub(crate) size: u64,
 }
@@ -204,7 +205,25 @@ impl Staged {
     }
 
     pub(crate) fn path(&self) -> &Path {
-        self.file.path()
+        &self.file
+    }
+
+    /// Syncs the file and renames it to `dest`, then syncs `dest`'s directory, so that
+    /// after a crash `dest` is either missing or whole.
+    fn persist(self, dest: &Path) -> Result<()> {
+        let path = self.file.to_path_buf();
+        let io = |what| {
+            let path = path.clone();
+            move |source| Error::Io { what, path, source }
+        };
+        // fsync flushes the file's data whatever the descriptor was opened for.
+        File::open(&self.file)
+            .and_then(|f| f.sync_all())
+            .map_err(io("sync"))?;
+        self.file
+            .persist(dest)
+            .map_err(|e| io("rename into place")(e.error))?;
+        sync_dir(dest.parent().expect("a store path has a parent"))
     }
 }
 
@@ -254,7 +273,11 @@ impl Store {
         };
         let mut file = tempfile::NamedTempFile::new_in(&tmp).map_err(io("create a file in"))?;
         let (hex, size) = copy_hashing(from, file.as_file_mut()).map_err(io("write a blob in"))?;
-        Ok(Staged { file, hex, size })
+        Ok(Staged {
+            file: file.into_temp_path(),
+            hex,
+            size,
+        })
     }
 
     /// Hashes a file already in the store's temporary directory (a finished download) and
@@ -264,18 +287,11 @@ impl Store {
             let path = path.to_path_buf();
             move |source| Error::Io { what, path, source }
         };
-        let mut file = File::options()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(io("open"))?;
-        let guard = tempfile::TempPath::try_from_path(path).map_err(io("take over"))?;
-        let (hex, size) = copy_hashing(&mut file, &mut std::io::sink()).map_err(io("read"))?;
-        Ok(Staged {
-            file: tempfile::NamedTempFile::from_parts(file, guard),
-            hex,
-            size,
-        })
+        let file = tempfile::TempPath::try_from_path(path).map_err(io("take over"))?;
+        let (hex, size) = File::open(&file)
+            .and_then(|mut f| copy_hashing(&mut f, &mut std::io::sink()))
+            .map_err(io("read"))?;
+        Ok(Staged { file, hex, size })
     }
 
     /// Where a download of the blob `digest` is kept until it is complete, so that a
@@ -295,22 +311,7 @@ impl Store {
         if dest.exists() {
             return Ok(());
         }
-        let path = staged.file.path().to_path_buf();
-        staged
-            .file
-            .as_file()
-            .sync_all()
-            .map_err(|source| Error::Io {
-                what: "sync",
-                path: path.clone(),
-                source,
-            })?;
-        staged.file.persist(&dest).map_err(|e| Error::Io {
-            what: "rename into place",
-            path,
-            source: e.error,
-        })?;
-        sync_dir(dest.parent().expect("a blob path has a parent"))?;
+        staged.persist(&dest)?;
         debug!(digest = %desc.digest(), size = desc.size(), "stored blob");
         Ok(())
     }
@@ -347,18 +348,7 @@ impl Store {
             manifest: manifest.clone(),
         };
         let json = serde_json::to_vec_pretty(&r).expect("a ref serializes");
-        let staged = self.stage(&mut &json[..])?;
-        let tmp = staged.path().to_path_buf();
-        let io = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| Error::Io { what, path, source }
-        };
-        staged.file.as_file().sync_all().map_err(io("sync", &tmp))?;
-        staged
-            .file
-            .persist(&path)
-            .map_err(|e| io("rename into place", &tmp)(e.error))?;
-        sync_dir(&self.dir.join("refs"))
+        self.stage(&mut &json[..])?.persist(&path)
     }
 
     /// The image named `name`.
