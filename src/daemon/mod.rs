@@ -139,12 +139,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         cgroup_parent: config.cgroup_parent.clone(),
         ..RuntimeConfig::default()
     })?;
+    let images = crate::image::Store::open(config.state_dir.join(crate::image::STORE_DIR))
+        .map_err(crate::image::Error::from)
+        .map_err(crate::Error::from)?;
     // TODO: write each container's state below the state directory and re-adopt running
     // containers on start, so that a daemon killed with SIGKILL loses nothing. This waits
     // on how the library will keep exit codes across a supervisor crash; until then a
     // restarted daemon knows no containers, and those of a killed one are left running.
     let daemon = Arc::new(Daemon {
-        registry: Registry::new(runtime),
+        registry: Registry::new(runtime, images),
         token,
     });
     info!(listen = ?config.listen, "silo daemon listening");

@@ -124,6 +124,20 @@ pub fn spec(image: &ImageConfiguration, rootfs: &Path) -> Result<Spec> {
     Ok(spec)
 }
 
+/// The TCP ports a spec's [`PORTS_ANNOTATION`] lists (none without it).
+pub fn ports(spec: &Spec) -> Vec<u16> {
+    let Some(list) = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(PORTS_ANNOTATION))
+    else {
+        return Vec::new();
+    };
+    list.split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect()
+}
+
 /// The TCP ports of `ExposedPorts` keys (`8080/tcp`, or `8080`: TCP is the default).
 fn tcp_ports<'a>(keys: impl Iterator<Item = &'a String>) -> Vec<u16> {
     let mut ports: Vec<u16> = keys

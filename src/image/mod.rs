@@ -17,6 +17,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageManifest, MediaType};
+use oci_spec::runtime::Spec;
 use tracing::{debug, info};
 
 pub use store::{Blobs, Ref, Store};
@@ -128,9 +129,9 @@ fn unpackable(mt: &MediaType) -> bool {
 }
 
 /// Unpacks the image whose manifest `manifest` describes into the bundle directory `dir`
-/// (missing or empty): `dir/rootfs` and `dir/config.json`. On failure what it made is
-/// removed again.
-pub fn unpack(blobs: &Blobs, manifest: &Descriptor, dir: &Path) -> Result<()> {
+/// (missing or empty): `dir/rootfs` and `dir/config.json`, whose spec it returns. On
+/// failure what it made is removed again.
+pub fn unpack(blobs: &Blobs, manifest: &Descriptor, dir: &Path) -> Result<Spec> {
     let made_dir = match std::fs::create_dir(dir) {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -161,7 +162,7 @@ pub fn unpack(blobs: &Blobs, manifest: &Descriptor, dir: &Path) -> Result<()> {
     result
 }
 
-fn unpack_into(blobs: &Blobs, manifest: &Descriptor, dir: &Path) -> Result<()> {
+fn unpack_into(blobs: &Blobs, manifest: &Descriptor, dir: &Path) -> Result<Spec> {
     let m: ImageManifest = blobs.json(manifest, "image manifest")?;
     let image: ImageConfiguration = blobs.json(m.config(), "image config")?;
     for layer in m.layers() {
@@ -202,5 +203,5 @@ fn unpack_into(blobs: &Blobs, manifest: &Descriptor, dir: &Path) -> Result<()> {
         source,
     })?;
     info!(manifest = %manifest.digest(), bundle = %dir.display(), "unpacked image");
-    Ok(())
+    Ok(spec)
 }
