@@ -1,6 +1,6 @@
 //! The library's error: each module's own error, plus the lifecycle errors of a container.
 
-use crate::{bundle, cgroup, firewall, monitor, network, spawn};
+use crate::{bundle, cgroup, firewall, image, monitor, network, spawn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -14,11 +14,15 @@ pub enum Error {
     Network(#[from] network::Error),
     #[error(transparent)]
     Firewall(#[from] firewall::Error),
+    #[error(transparent)]
+    Image(#[from] image::Error),
     /// The container exited unsuccessfully or was destroyed with a reason.
     #[error(transparent)]
     Exit(#[from] monitor::Exit),
     #[error("invalid container id {0:?}: use 1 to 64 of A-Z a-z 0-9 _ . - (not first)")]
     InvalidId(String),
+    #[error("container id {0:?} is reserved: the image store has that name")]
+    ReservedId(String),
     #[error("container {0} is already running")]
     AlreadyRunning(String),
     #[error("container {0} is not running")]

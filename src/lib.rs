@@ -1,9 +1,9 @@
 //! silo: a Linux-native container runtime.
 //!
-//! The modules follow a container's life: its [`bundle`] is read and checked, [`spawn`]
-//! clones the init process into fresh namespaces, [`cgroup`] bounds it, [`network`] wires a
-//! veth pair into it, [`firewall`] confines what it reaches, [`monitor`] waits for it to
-//! exit, and [`port`] talks to it over TCP.
+//! The modules follow a container's life: an [`image`] is unpacked into a bundle, the
+//! [`bundle`] is read and checked, [`spawn`] clones the init process into fresh namespaces,
+//! [`cgroup`] bounds it, [`network`] wires a veth pair into it, [`firewall`] confines what it
+//! reaches, [`monitor`] waits for it to exit, and [`port`] talks to it over TCP.
 //! [`Runtime`] and [`Container`] tie these together behind a small actor-like API.
 
 pub mod bundle;
@@ -13,6 +13,7 @@ pub mod daemon;
 mod error;
 pub mod fault;
 pub mod firewall;
+pub mod image;
 mod logs;
 pub mod monitor;
 pub mod network;

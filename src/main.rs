@@ -1,11 +1,13 @@
 //! The `silo` command line.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use silo::image::Store;
 use silo::{Runtime, RuntimeConfig, StartOptions, Stdio};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -60,11 +62,17 @@ enum Command {
         /// With --internet, allow only this destination (CIDR[:PORT[-PORT]]); repeatable.
         #[arg(long, value_name = "CIDR[:PORTS]", requires = "internet")]
         egress: Vec<silo::EgressRule>,
-        /// The OCI bundle directory.
+        /// The OCI bundle directory, or the name of an image in the store (unpacked for
+        /// this run into the state directory, and removed after it).
         bundle: PathBuf,
         /// Replaces the bundle's process.args.
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Import, unpack and list images (the store is the state directory's images/).
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
     },
     /// Serve the HTTP API (docs/api.md) until SIGTERM or SIGINT, which destroy the
     /// containers.
@@ -80,6 +88,40 @@ enum Command {
         #[arg(long)]
         leave_running: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import an OCI image layout directory, or a `docker save` or `podman save` archive
+    /// (tar, tar.gz or tar.zst), into the store.
+    Import {
+        path: PathBuf,
+        /// The image's name in the store (default: the name the source gives it); with
+        /// a source holding several images, also which one to import.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Unpack an image into a new bundle directory (config.json + rootfs/).
+    Unpack {
+        /// An image name in the store, or the path of a layout directory or an archive.
+        image: String,
+        /// The bundle directory to make (missing or empty).
+        dir: PathBuf,
+    },
+    /// Pull an image from a registry into the store, for this machine's platform.
+    Pull {
+        /// registry/repository:tag or registry/repository@sha256:HEX; stored under this
+        /// name.
+        reference: String,
+        /// Plain HTTP to the registry instead of HTTPS.
+        #[arg(long)]
+        insecure: bool,
+        /// Log in with this user name; the password comes from SILO_REGISTRY_PASSWORD.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// List the images in the store.
+    Ls,
 }
 
 fn main() -> ExitCode {
@@ -99,6 +141,29 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    // Images need no runtime (which would recover the firewall state of dead containers).
+    let command = match cli.command {
+        Command::Image { command } => {
+            let store = open_store(&cli.state_dir)?;
+            if let ImageCommand::Pull {
+                reference,
+                insecure,
+                user,
+            } = command
+            {
+                let password = std::env::var("SILO_REGISTRY_PASSWORD").unwrap_or_default();
+                let opts = silo::image::pull::PullOptions {
+                    insecure,
+                    credentials: user.map(|u| (u, password)),
+                };
+                let r = silo::image::pull::pull(&store, &reference, &opts).await?;
+                writeln!(std::io::stdout(), "{} {}", r.name, r.manifest.digest())?;
+                return Ok(0);
+            }
+            return tokio::task::spawn_blocking(move || image(&store, command)).await?;
+        }
+        command => command,
+    };
     let config = RuntimeConfig {
         state_dir: cli.state_dir,
         cgroup_parent: cli.cgroup_parent,
@@ -106,7 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         resolvers: (!cli.resolvers.is_empty()).then_some(cli.resolvers),
         ..RuntimeConfig::default()
     };
-    match cli.command {
+    match command {
         Command::Run {
             id,
             env,
@@ -117,6 +182,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             args,
         } => {
             let id = id.unwrap_or_else(|| format!("run-{}", std::process::id()));
+            // The handle checks the id before it names a directory below.
+            let runtime = Runtime::new(config)?;
+            let container = runtime.container(&id)?;
+            let image = image_bundle(&bundle, &id, &runtime.config().state_dir).await?;
+            let bundle = image.as_ref().map_or(bundle, |i| i.0.clone());
             let mut vars = BTreeMap::new();
             for kv in env {
                 let Some((k, v)) = kv.split_once('=') else {
@@ -138,8 +208,6 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let mut term = signal(SignalKind::terminate()).context("watch SIGTERM")?;
             let mut int = signal(SignalKind::interrupt()).context("watch SIGINT")?;
             let mut hup = signal(SignalKind::hangup()).context("watch SIGHUP")?;
-            let runtime = Runtime::new(config)?;
-            let container = runtime.container(&id)?;
             container.start(opts).await?;
             // The first SIGINT or SIGTERM is the container's to handle; it may ignore it
             // (a PID 1 without a handler does), so a second one destroys it.
@@ -175,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 Err(e) => Err(e.into()),
             }
         }
+        Command::Image { .. } => unreachable!("handled before the runtime is made"),
         Command::Serve {
             listen,
             token_file,
@@ -193,9 +262,101 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
+fn open_store(state_dir: &Path) -> anyhow::Result<Store> {
+    let dir = state_dir.join(silo::image::STORE_DIR);
+    Store::open(&dir).with_context(|| format!("open the image store {}", dir.display()))
+}
+
+fn image(store: &Store, command: ImageCommand) -> anyhow::Result<u8> {
+    let mut out = std::io::stdout().lock();
+    match command {
+        ImageCommand::Import { path, name } => {
+            let r = silo::image::import(store, &path, name.as_deref())?;
+            writeln!(out, "{} {}", r.name, r.manifest.digest())?;
+        }
+        ImageCommand::Unpack { image, dir } => {
+            let (blobs, manifest) = silo::image::locate(store, &image)?;
+            silo::image::unpack(&blobs, &manifest, &dir)?;
+        }
+        ImageCommand::Pull { .. } => unreachable!("pulls run on the async runtime"),
+        ImageCommand::Ls => {
+            writeln!(out, "{:<40} {:<19} {:>10}", "NAME", "MANIFEST", "SIZE")?;
+            for r in store.list()? {
+                let manifest: oci_spec::image::ImageManifest =
+                    store.blobs().json(&r.manifest, "image manifest")?;
+                let size: u64 = std::iter::once(manifest.config())
+                    .chain(manifest.layers())
+                    .map(|d| d.size())
+                    .sum();
+                let digest = r.manifest.digest().digest();
+                let short = format!("sha256:{}", &digest[..12.min(digest.len())]);
+                writeln!(out, "{:<40} {short:<19} {:>10}", r.name, human_size(size))?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// `12.3 MiB`: a size in binary units, for people.
+fn human_size(bytes: u64) -> String {
+    let mut size = bytes as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if size < 1024.0 || unit == "GiB" {
+            return if unit == "B" {
+                format!("{bytes} B")
+            } else {
+                format!("{size:.1} {unit}")
+            };
+        }
+        size /= 1024.0;
+    }
+    unreachable!()
+}
+
+/// A bundle unpacked from an image for one `silo run`, removed when dropped.
+struct ImageBundle(PathBuf);
+
+impl Drop for ImageBundle {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.0) {
+            say(format_args!(
+                "silo: failed to remove the unpacked image {}: {e}",
+                self.0.display()
+            ));
+        }
+    }
+}
+
+/// When `arg` is no directory but names an image in the store, unpacks that image into a
+/// bundle of this container's own under the store.
+async fn image_bundle(
+    arg: &Path,
+    id: &str,
+    state_dir: &Path,
+) -> anyhow::Result<Option<ImageBundle>> {
+    let name = arg.to_string_lossy().into_owned();
+    // A path is a bundle, even a missing one: its error names the directory.
+    if arg.is_dir() || name.starts_with('/') || name.starts_with('.') {
+        return Ok(None);
+    }
+    let store = open_store(state_dir)?;
+    let r = match store.get(&name) {
+        Ok(r) => r,
+        Err(silo::image::store::Error::NoSuchImage(_)) => {
+            bail!("{name}: no bundle directory and no image of this name in the store")
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let dir = store.dir().join("bundles").join(id);
+    std::fs::create_dir_all(dir.parent().expect("has a parent"))?;
+    let unpacked = dir.clone();
+    tokio::task::spawn_blocking(move || silo::image::unpack(store.blobs(), &r.manifest, &unpacked))
+        .await??;
+    Ok(Some(ImageBundle(dir)))
+}
+
 /// Writes a line to stderr. Unlike `eprintln!`, it does not panic when stderr is gone (a
 /// closed pipe): silo must still forward signals and clean up after its container.
 fn say(args: std::fmt::Arguments<'_>) {
-    use std::io::Write;
     let _ = writeln!(std::io::stderr(), "{args}");
 }

@@ -89,6 +89,9 @@ impl Runtime {
         if !valid_id(id) {
             return Err(Error::InvalidId(id.to_string()));
         }
+        if id == crate::image::STORE_DIR {
+            return Err(Error::ReservedId(id.to_string()));
+        }
         let mut map = self
             .containers
             .lock()

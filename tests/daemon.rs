@@ -10,6 +10,7 @@ use common::daemon::{Daemon, Endpoint, silo_serve, with_daemon};
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -100,7 +101,11 @@ async fn bad_starts_are_refused_and_leave_nothing() {
                 400,
                 "unknown field `nope`",
             ),
-            (r#"{"env": {}}"#, 400, "missing field `bundle`"),
+            (
+                r#"{"env": {}}"#,
+                400,
+                "field `bundle` or `image` is required",
+            ),
             (r#"{"bundle": "relative/dir"}"#, 400, "must be absolute"),
             (r#"{"bundle": "/no/such/bundle"}"#, 400, "/no/such/bundle"),
         ];
@@ -946,4 +951,64 @@ async fn tcp_needs_a_token_beyond_loopback_and_checks_it() {
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
+}
+
+#[tokio::test]
+async fn images_run_with_their_exposed_ports_as_readiness() {
+    with_daemon("image", |d| async move {
+        let oci = d.dir.path().join("oci");
+        common::oci::demo_image(
+            &oci,
+            json!({"Cmd": ["/bin/testprog", "serve", "8080"], "ExposedPorts": {"8080/tcp": {}}}),
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_silo"))
+            .arg("--state-dir")
+            .arg(d.dir.path().join("state"))
+            .args(["image", "import"])
+            .arg(&oci)
+            .args(["--name", "demo:1"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        let path = format!("/v1/containers/{}", d.id("img"));
+        let (status, info) = d
+            .call(Method::PUT, &path, Some(json!({"image": "demo:1"})))
+            .await;
+        assert_eq!(status, 200, "{info}");
+        assert_eq!(info["status"], "healthy", "the image's port was waited for");
+        let (status, hello) = d.fetch("img", 8080, "/").await;
+        assert_eq!((status, hello.as_str()), (200, "hello from silo\n"));
+        let bundle = d.dir.path().join("state/images/bundles").join(d.id("img"));
+        assert!(bundle.join("rootfs/bin/testprog").is_file());
+
+        let other = format!("/v1/containers/{}", d.id("bad"));
+        let (status, err) = d
+            .call(Method::PUT, &other, Some(json!({"image": "nope:1"})))
+            .await;
+        assert_eq!(status, 400, "{err}");
+        assert!(err["error"].as_str().unwrap().contains("nope:1"), "{err}");
+        let both = json!({"image": "demo:1", "bundle": common::bundle()});
+        let (status, err) = d.call(Method::PUT, &other, Some(both)).await;
+        assert_eq!(status, 400, "{err}");
+        assert!(
+            !d.dir
+                .path()
+                .join("state/images/bundles")
+                .join(d.id("bad"))
+                .exists()
+        );
+
+        let (status, _) = d.call(Method::DELETE, &path, None).await;
+        assert_eq!(status, 204);
+        assert!(
+            !bundle.exists(),
+            "the unpacked image outlived its container"
+        );
+    })
+    .await;
 }

@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::registry::{DEFAULT_STOP_TIMEOUT, StartPlan};
 use super::{Daemon, logs, proxy};
-use crate::{Error, Instance, StartOptions, Stdio};
+use crate::{Error, Instance, StartOptions, Stdio, image};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body: JSON, streamed logs, or a container's own response.
@@ -41,6 +41,8 @@ pub(crate) enum ApiError {
     TooLarge,
     #[error("bundle path {0:?} must be absolute")]
     RelativeBundle(PathBuf),
+    #[error("field `bundle` or `image` is required (one of them, not both)")]
+    BundleOrImage,
     #[error("sleepAfter must be a positive number of seconds, not {0}")]
     BadSleepAfter(f64),
     #[error("invalid TCP port {0:?}: use 1 to 65535")]
@@ -89,6 +91,13 @@ impl ApiError {
                 | Error::EmptyEntrypoint
                 | Error::InvalidInstance(_)
                 | Error::Bundle(_) => StatusCode::BAD_REQUEST,
+                // The image the request names is missing or cannot be run as it is.
+                Error::Image(
+                    image::Error::Store(
+                        image::store::Error::NoSuchImage(_) | image::store::Error::InvalidName(_),
+                    )
+                    | image::Error::Config(_),
+                ) => StatusCode::BAD_REQUEST,
                 Error::AlreadyRunning(_) | Error::NotRunning(_) => StatusCode::CONFLICT,
                 Error::NeverStarted(_) => StatusCode::NOT_FOUND,
                 Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
@@ -100,6 +109,7 @@ impl ApiError {
             ApiError::NoSuchContainer(_) | ApiError::NoRoute { .. } => StatusCode::NOT_FOUND,
             ApiError::BadBody(_)
             | ApiError::RelativeBundle(_)
+            | ApiError::BundleOrImage
             | ApiError::BadSleepAfter(_)
             | ApiError::BadPort(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -133,15 +143,18 @@ impl ApiError {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct StartRequest {
-    bundle: PathBuf,
+    /// An absolute bundle path, or else
+    bundle: Option<PathBuf>,
+    /// the name of an image in the daemon's store, unpacked afresh for each run.
+    image: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     entrypoint: Option<Vec<String>>,
     #[serde(default)]
     enable_internet: bool,
     instance: Option<String>,
-    #[serde(default)]
-    wait_for_ports: Vec<u32>,
+    /// Without it, an image's exposed TCP ports.
+    wait_for_ports: Option<Vec<u32>>,
     timeout_ms: Option<u64>,
     /// Seconds without traffic after which the container is stopped.
     sleep_after: Option<f64>,
@@ -270,9 +283,15 @@ async fn start(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let body: StartRequest = read_json(req.into_body(), None).await?;
-    if !body.bundle.is_absolute() {
-        return Err(ApiError::RelativeBundle(body.bundle));
-    }
+    let bundle = match (body.bundle, &body.image) {
+        (Some(bundle), None) if !bundle.is_absolute() => {
+            return Err(ApiError::RelativeBundle(bundle));
+        }
+        (Some(bundle), None) => bundle,
+        // The registry unpacks the image and puts its bundle in.
+        (None, Some(_)) => PathBuf::new(),
+        _ => return Err(ApiError::BundleOrImage),
+    };
     let sleep_after = match body.sleep_after {
         None => None,
         Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
@@ -285,17 +304,22 @@ async fn start(
         .transpose()?;
     let wait_for_ports = body
         .wait_for_ports
-        .iter()
-        .map(|&p| {
-            u16::try_from(p)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or(Error::InvalidPort(p))
+        .map(|ports| {
+            ports
+                .iter()
+                .map(|&p| {
+                    u16::try_from(p)
+                        .ok()
+                        .filter(|p| *p != 0)
+                        .ok_or(Error::InvalidPort(p))
+                })
+                .collect::<Result<Vec<u16>, Error>>()
         })
-        .collect::<Result<Vec<u16>, Error>>()?;
+        .transpose()?;
     let plan = StartPlan {
+        image: body.image,
         opts: StartOptions {
-            bundle: body.bundle,
+            bundle,
             env: body.env,
             entrypoint: body.entrypoint,
             enable_internet: body.enable_internet,

@@ -142,9 +142,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()>) -> Result
         cgroup_parent: config.cgroup_parent.clone(),
         ..RuntimeConfig::default()
     })?;
+    let images = crate::image::Store::open(config.state_dir.join(crate::image::STORE_DIR))
+        .map_err(crate::image::Error::from)
+        .map_err(crate::Error::from)?;
     // The runtime has adopted what an earlier daemon left running (see Runtime::new).
     let daemon = Arc::new(Daemon {
-        registry: Registry::new(runtime, config.state_dir.join("daemon")).await,
+        registry: Registry::new(runtime, images, config.state_dir.join("daemon")).await,
         token,
     });
     info!(listen = ?config.listen, "silo daemon listening");

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, SystemTime};
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::api::ApiError;
+use crate::image::Store;
 use crate::{Container, Error, Runtime, StartOptions};
 
 /// How long a stop waits after its signal before SIGKILL, unless told otherwise.
@@ -29,6 +30,8 @@ const MAX_PROBE_DELAY: Duration = Duration::from_millis(50);
 
 pub(crate) struct Registry {
     runtime: Runtime,
+    /// Images to run; each container's unpacked bundle is `bundles/<id>` in it.
+    images: Store,
     /// What the daemon must remember of a container across its own restarts (its idle
     /// timeout), one file per id.
     notes: PathBuf,
@@ -109,8 +112,11 @@ pub(crate) struct MonitorReply {
 
 /// What a start asks for beyond the library's options.
 pub(crate) struct StartPlan {
+    /// An image of the store to run, in place of `opts.bundle`.
+    pub(crate) image: Option<String>,
     pub(crate) opts: StartOptions,
-    pub(crate) wait_for_ports: Vec<u16>,
+    /// `None`: the image's exposed ports (none for a bundle).
+    pub(crate) wait_for_ports: Option<Vec<u16>>,
     pub(crate) timeout: Duration,
     pub(crate) sleep_after: Option<Duration>,
 }
@@ -118,16 +124,36 @@ pub(crate) struct StartPlan {
 impl Registry {
     /// A registry of the runtime's containers: those an earlier daemon left running (the
     /// runtime adopted them) or that exited while no daemon ran are listed from the start.
-    pub(crate) async fn new(runtime: Runtime, notes: PathBuf) -> Registry {
+    pub(crate) async fn new(runtime: Runtime, images: Store, notes: PathBuf) -> Registry {
         if let Err(e) = std::fs::create_dir_all(&notes) {
             warn!(dir = %notes.display(), error = %e, "cannot keep notes across restarts");
         }
         let registry = Registry {
             runtime,
+            images,
             notes,
             entries: StdMutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
         };
+        // Unpacked images of containers the runtime does not know (a start cut short by a
+        // crash) are the daemon's to remove.
+        if let Ok(dirs) = std::fs::read_dir(registry.images.dir().join("bundles")) {
+            let known: BTreeSet<String> = registry
+                .runtime
+                .containers()
+                .iter()
+                .map(|c| c.id().to_string())
+                .collect();
+            for dir in dirs.flatten() {
+                if !dir
+                    .file_name()
+                    .to_str()
+                    .is_some_and(|id| known.contains(id))
+                {
+                    remove_dir(&dir.path());
+                }
+            }
+        }
         for container in registry.runtime.containers() {
             let Ok(entry) = registry.get_or_insert(container.id()) else {
                 continue;
@@ -233,6 +259,7 @@ impl Registry {
         id: &str,
         plan: StartPlan,
     ) -> Result<(Arc<Entry>, Arc<Run>), ApiError> {
+        let mut wait_for_ports = plan.wait_for_ports.clone().unwrap_or_default();
         let (entry, run) = loop {
             let entry = self.get_or_insert(id)?;
             let lifecycle = entry.lifecycle.lock().await;
@@ -254,7 +281,19 @@ impl Registry {
             if let Some(last) = entry.current_run() {
                 last.exited().await;
             }
-            if let Err(e) = entry.container.start(plan.opts.clone()).await {
+            let mut opts = plan.opts.clone();
+            let started = async {
+                if let Some(image) = &plan.image {
+                    let (bundle, ports) = self.unpack(id, image).await?;
+                    opts.bundle = bundle;
+                    if plan.wait_for_ports.is_none() {
+                        wait_for_ports = ports;
+                    }
+                }
+                entry.container.start(opts).await
+            };
+            if let Err(e) = started.await {
+                self.remove_bundle(id).await;
                 if entry.current_run().is_none() {
                     // A failed first start leaves nothing behind.
                     self.remove(&entry);
@@ -269,9 +308,9 @@ impl Registry {
         if let Some(after) = plan.sleep_after {
             entry.watch_idle(run.clone(), after);
         }
-        if !plan.wait_for_ports.is_empty() {
+        if !wait_for_ports.is_empty() {
             entry
-                .wait_for_ports(&run, &plan.wait_for_ports, plan.timeout)
+                .wait_for_ports(&run, &wait_for_ports, plan.timeout)
                 .await?;
         }
         Ok((entry, run))
@@ -296,10 +335,46 @@ impl Registry {
         if let Some(run) = run {
             run.exited().await;
         }
+        self.remove_bundle(id).await;
         self.remove(&entry);
         self.remember_sleep_after(id, None);
         info!(container = %id, "container destroyed");
         Ok(())
+    }
+
+    /// Unpacks `image` afresh into container `id`'s bundle directory (the last run's is
+    /// gone first: the caller holds the lifecycle lock and that run has exited), and
+    /// returns it with the image's exposed TCP ports.
+    async fn unpack(&self, id: &str, image: &str) -> Result<(PathBuf, Vec<u16>), Error> {
+        let store = self.images.clone();
+        let dir = self.bundle_dir(id);
+        let image = image.to_string();
+        let unpacked = dir.clone();
+        let spec = tokio::task::spawn_blocking(move || {
+            let r = store.get(&image).map_err(crate::image::Error::from)?;
+            remove_dir(&unpacked);
+            std::fs::create_dir_all(unpacked.parent().expect("has a parent")).map_err(
+                |source| crate::image::Error::Io {
+                    what: "create",
+                    path: unpacked.clone(),
+                    source,
+                },
+            )?;
+            crate::image::unpack(store.blobs(), &r.manifest, &unpacked)
+        })
+        .await
+        .expect("the unpack task does not panic")?;
+        Ok((dir, crate::image::config::ports(&spec)))
+    }
+
+    fn bundle_dir(&self, id: &str) -> PathBuf {
+        self.images.dir().join("bundles").join(id)
+    }
+
+    /// Removes container `id`'s unpacked image, if it has one.
+    async fn remove_bundle(&self, id: &str) {
+        let dir = self.bundle_dir(id);
+        let _ = tokio::task::spawn_blocking(move || remove_dir(&dir)).await;
     }
 
     /// Refuses further starts, then destroys every container, all at once.
@@ -523,6 +598,16 @@ impl Entry {
         ActivityGuard {
             entry: self.clone(),
         }
+    }
+}
+
+/// Removes a directory tree; a missing one is fine, other failures are logged.
+fn remove_dir(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(dir = %dir.display(), error = %e, "failed to remove an unpacked image");
+        }
+        _ => {}
     }
 }
 

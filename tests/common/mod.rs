@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod oci;
 
 use std::collections::BTreeMap;
 use std::future::Future;
