@@ -205,6 +205,42 @@ fn layers_unpack_exactly() {
 }
 
 #[test]
+fn pax_owners_and_extended_attributes_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let oci = tmp.path().join("oci");
+    let mut b = tar::Builder::new(Vec::new());
+    // A uid beyond what the tar header holds, and an attribute only root may set.
+    let pax: [(&str, &[u8]); 3] = [
+        ("uid", b"3000000"),
+        ("gid", b"3000001"),
+        ("SCHILY.xattr.trusted.silo", b"kept"),
+    ];
+    b.append_pax_extensions(pax).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o640);
+    h.set_size(4);
+    b.append_data(&mut h, "big-owner", &b"data"[..]).unwrap();
+    let manifest = layout(
+        &oci,
+        &[(b.into_inner().unwrap(), TAR)],
+        json!({"Cmd": ["/x"]}),
+        "pax",
+    );
+    let bundle = tmp.path().join("bundle");
+    image::unpack(&Blobs::new(&oci), &descriptor(&manifest), &bundle).unwrap();
+    let file = bundle.join("rootfs/big-owner");
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (3_000_000, 3_000_001, 0o640)
+    );
+    assert_eq!(
+        xattr::get(&file, "trusted.silo").unwrap().as_deref(),
+        Some(&b"kept"[..])
+    );
+}
+
+#[test]
 fn users_are_looked_up_in_the_image() {
     let tmp = tempfile::tempdir().unwrap();
     let oci = tmp.path().join("oci");
