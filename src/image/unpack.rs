@@ -21,7 +21,7 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
-use nix::sys::stat::{Mode, SFlag, fchmod, fstatat, futimens, mkdirat};
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags, fchmod, fstatat, futimens, mkdirat, utimensat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, linkat, symlinkat, unlinkat};
 use tar::EntryType;
@@ -151,11 +151,12 @@ impl Rootfs {
         };
         let mut archive = tar::Archive::new(super::decompress(reader).map_err(archive_err)?);
         let mut added = HashSet::new();
+        let mut dir_times = Vec::new();
         for entry in archive.entries().map_err(archive_err)? {
             let mut entry = entry.map_err(archive_err)?;
             let name = entry.path_bytes().into_owned();
             let shown = String::from_utf8_lossy(&name).into_owned();
-            self.entry(&mut entry, &name, &mut added)
+            self.entry(&mut entry, &name, &mut added, &mut dir_times)
                 .map_err(|f| match f {
                     Failure::Refused(r) => Error::Refused {
                         layer: layer.to_string(),
@@ -170,16 +171,40 @@ impl Rootfs {
                     },
                 })?;
         }
+        // A directory's time last, once this layer has put everything into it; deepest
+        // first, so setting one does not disturb its parent's.
+        dir_times.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
+        for (rel, mtime) in dir_times {
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            let (Some(name), Ok(dir)) = (rel.file_name(), self.dir(parent, false)) else {
+                continue;
+            };
+            let t = TimeSpec::new(mtime, 0);
+            match utimensat(dir.as_fd(), name, &t, &t, UtimensatFlags::NoFollowSymlink) {
+                // Removed again later in the layer.
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    return Err(Error::Entry {
+                        layer: layer.to_string(),
+                        entry: rel.display().to_string(),
+                        what: "set the modification time",
+                        source: e.into(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
     /// Applies one entry. `added` holds every path this layer made, and their parents,
-    /// which its whiteouts must spare.
+    /// which its whiteouts must spare; `dir_times` gets the directories' modification
+    /// times, to set once the layer is done.
     fn entry(
         &self,
         entry: &mut tar::Entry<'_, Box<dyn Read + '_>>,
         name: &[u8],
         added: &mut HashSet<PathBuf>,
+        dir_times: &mut Vec<(PathBuf, i64)>,
     ) -> std::result::Result<(), Failure> {
         let rel = clean(name)?;
         let Some(file) = rel.file_name().map(|f| f.as_bytes().to_vec()) else {
@@ -253,6 +278,7 @@ impl Rootfs {
                 }
                 fchmod(&dir, mode).doing("set the mode")?;
                 pax.set_xattrs(&File::from(dir), &rel);
+                dir_times.push((rel.clone(), mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let parent = self.dir(parent_rel, true)?;
