@@ -615,7 +615,7 @@ fn an_image_of_the_demo_rootfs_runs() {
 
 /// After a `silo run` of an image, its unpacked bundle and its container are gone.
 fn assert_no_leftovers(state: &Path, id: &str) {
-    let bundles = state.join("images/bundles");
+    let bundles = state.join("images/bundles/run");
     let left: Vec<PathBuf> = std::fs::read_dir(&bundles)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
