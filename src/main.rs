@@ -347,7 +347,7 @@ async fn image_bundle(
         }
         Err(e) => return Err(e.into()),
     };
-    let dir = store.dir().join("bundles").join(id);
+    let dir = silo::image::bundle_dir(&store, "run", id);
     std::fs::create_dir_all(dir.parent().expect("has a parent"))?;
     let unpacked = dir.clone();
     tokio::task::spawn_blocking(move || silo::image::unpack(store.blobs(), &r.manifest, &unpacked))

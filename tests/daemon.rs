@@ -983,7 +983,11 @@ async fn images_run_with_their_exposed_ports_as_readiness() {
         assert_eq!(info["status"], "healthy", "the image's port was waited for");
         let (status, hello) = d.fetch("img", 8080, "/").await;
         assert_eq!((status, hello.as_str()), (200, "hello from silo\n"));
-        let bundle = d.dir.path().join("state/images/bundles").join(d.id("img"));
+        let bundle = d
+            .dir
+            .path()
+            .join("state/images/bundles/serve")
+            .join(d.id("img"));
         assert!(bundle.join("rootfs/bin/testprog").is_file());
 
         let other = format!("/v1/containers/{}", d.id("bad"));
@@ -998,7 +1002,7 @@ async fn images_run_with_their_exposed_ports_as_readiness() {
         assert!(
             !d.dir
                 .path()
-                .join("state/images/bundles")
+                .join("state/images/bundles/serve")
                 .join(d.id("bad"))
                 .exists()
         );

@@ -177,8 +177,12 @@ fn layers_unpack_exactly() {
     assert_eq!(listing(&rootfs), want);
     assert_eq!(ino(&rootfs.join("bin/hard")), ino(&rootfs.join("bin/tool")));
     assert_eq!(ino(&rootfs.join("x/one")), ino(&rootfs.join("x/two")));
-    let mtime = std::fs::metadata(rootfs.join("x/one")).unwrap().mtime();
-    assert_eq!(mtime, 1_700_000_000);
+    // Files keep their times, and so do directories with an entry in the last layer that
+    // changed them (`etc` was changed by layers without one: it has the time of that).
+    for path in ["x/one", "data", "tofile"] {
+        let mtime = std::fs::metadata(rootfs.join(path)).unwrap().mtime();
+        assert_eq!(mtime, 1_700_000_000, "{path}");
+    }
 
     // The generated config.json passes silo's own checks, and says what the image does.
     let b = silo::bundle::Bundle::load(&bundle).unwrap();
@@ -202,6 +206,42 @@ fn layers_unpack_exactly() {
     // A second unpack into the same directory is refused: it is not empty.
     let err = image::unpack(&Blobs::new(&oci), &descriptor(&manifest), &bundle).unwrap_err();
     assert!(err.to_string().contains("not empty"), "{err}");
+}
+
+#[test]
+fn pax_owners_and_extended_attributes_are_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let oci = tmp.path().join("oci");
+    let mut b = tar::Builder::new(Vec::new());
+    // A uid beyond what the tar header holds, and an attribute only root may set.
+    let pax: [(&str, &[u8]); 3] = [
+        ("uid", b"3000000"),
+        ("gid", b"3000001"),
+        ("SCHILY.xattr.trusted.silo", b"kept"),
+    ];
+    b.append_pax_extensions(pax).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_mode(0o640);
+    h.set_size(4);
+    b.append_data(&mut h, "big-owner", &b"data"[..]).unwrap();
+    let manifest = layout(
+        &oci,
+        &[(b.into_inner().unwrap(), TAR)],
+        json!({"Cmd": ["/x"]}),
+        "pax",
+    );
+    let bundle = tmp.path().join("bundle");
+    image::unpack(&Blobs::new(&oci), &descriptor(&manifest), &bundle).unwrap();
+    let file = bundle.join("rootfs/big-owner");
+    let meta = std::fs::metadata(&file).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (3_000_000, 3_000_001, 0o640)
+    );
+    assert_eq!(
+        xattr::get(&file, "trusted.silo").unwrap().as_deref(),
+        Some(&b"kept"[..])
+    );
 }
 
 #[test]
@@ -575,7 +615,7 @@ fn an_image_of_the_demo_rootfs_runs() {
 
 /// After a `silo run` of an image, its unpacked bundle and its container are gone.
 fn assert_no_leftovers(state: &Path, id: &str) {
-    let bundles = state.join("images/bundles");
+    let bundles = state.join("images/bundles/run");
     let left: Vec<PathBuf> = std::fs::read_dir(&bundles)
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
@@ -592,10 +632,16 @@ fn assert_no_leftovers(state: &Path, id: &str) {
 struct Registry {
     child: std::process::Child,
     addr: String,
+    /// `user:password` for pushes, when the registry asks for them.
+    creds: Option<&'static str>,
 }
 
+/// User `tester`, password `secret` (bcrypt, as the registry's htpasswd wants it).
+const HTPASSWD: &str = "tester:$2b$04$TiO5McCyIRUyZrAnDD2GxueuMV9vRocPy2ib0/BlrPULrCZqdcCHG";
+
 impl Registry {
-    fn start(dir: &Path) -> Registry {
+    /// Starts a registry, asking for basic authentication as `tester` when `auth` is set.
+    fn start(dir: &Path, auth: bool) -> Registry {
         let bin = Path::new("/usr/bin/docker-registry");
         assert!(bin.exists(), "docker-registry is missing: run scripts/deps");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -606,15 +652,20 @@ impl Registry {
         let addr = format!("127.0.0.1:{port}");
         let config = dir.join("registry.yml");
         let storage = dir.join("registry");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    \
-                 rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                storage.display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    \
+             rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            storage.display()
+        );
+        if auth {
+            let htpasswd = dir.join("htpasswd");
+            std::fs::write(&htpasswd, format!("{HTPASSWD}\n")).unwrap();
+            yaml += &format!(
+                "auth:\n  htpasswd:\n    realm: silo-test\n    path: {}\n",
+                htpasswd.display()
+            );
+        }
+        std::fs::write(&config, yaml).unwrap();
         let child = Command::new(bin)
             .arg("serve")
             .arg(&config)
@@ -622,7 +673,8 @@ impl Registry {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let registry = Registry { child, addr };
+        let creds = auth.then_some("tester:secret");
+        let registry = Registry { child, addr, creds };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         while std::net::TcpStream::connect(&registry.addr).is_err() {
             assert!(
@@ -636,8 +688,12 @@ impl Registry {
 
     /// Pushes the image of an OCI layout (its ref `name`) to `repo:tag` with skopeo.
     fn push(&self, layout: &Path, name: &str, target: &str) {
-        let out = Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "--dest-tls-verify=false", "-q"])
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["--insecure-policy", "copy", "--dest-tls-verify=false", "-q"]);
+        if let Some(creds) = self.creds {
+            cmd.arg(format!("--dest-creds={creds}"));
+        }
+        let out = cmd
             .arg(format!("oci:{}:{name}", layout.display()))
             .arg(format!("docker://{}/{target}", self.addr))
             .output()
@@ -663,7 +719,7 @@ fn images_pull_from_a_registry() {
     let state = tmp.path().join("state");
     let oci = tmp.path().join("oci");
     demo_image(&oci, json!({"Cmd": ["/bin/sh", "-c", "echo pulled"]}));
-    let registry = Registry::start(tmp.path());
+    let registry = Registry::start(tmp.path(), false);
     registry.push(&oci, "demo", "silo/demo:1");
     let reference = format!("{}/silo/demo:1", registry.addr);
 
@@ -724,5 +780,43 @@ fn images_pull_from_a_registry() {
     );
     assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1:1/none:1"));
+    drop(registry);
+}
+
+#[test]
+fn pulls_log_in_with_basic_auth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let oci = tmp.path().join("oci");
+    let layer = tar_of(&[E::File("hello", "hi", 0o644)]);
+    layout(&oci, &[(layer, GZIP)], json!({"Cmd": ["/hello"]}), "small");
+    let registry = Registry::start(tmp.path(), true);
+    registry.push(&oci, "small", "private/small:1");
+    let reference = format!("{}/private/small:1", registry.addr);
+    let pull = |user: Option<&str>, password: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_silo"));
+        cmd.arg("--state-dir").arg(&state);
+        cmd.args(["image", "pull", &reference, "--insecure"]);
+        if let Some(user) = user {
+            cmd.args(["--user", user]);
+        }
+        cmd.env("SILO_REGISTRY_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = pull(None, "");
+    assert_eq!(out.status.code(), Some(125), "an anonymous pull is refused");
+    let out = pull(Some("tester"), "wrong");
+    assert_eq!(out.status.code(), Some(125), "a wrong password is refused");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&reference), "{stderr}");
+    let out = pull(Some("tester"), "secret");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = Store::open(state.join("images")).unwrap();
+    assert_eq!(store.list().unwrap()[0].name, reference);
     drop(registry);
 }

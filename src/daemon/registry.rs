@@ -368,7 +368,7 @@ impl Registry {
     }
 
     fn bundle_dir(&self, id: &str) -> PathBuf {
-        self.images.dir().join("bundles").join(id)
+        crate::image::bundle_dir(&self.images, "serve", id)
     }
 
     /// Removes container `id`'s unpacked image, if it has one.

@@ -26,6 +26,13 @@ pub use store::{Blobs, Ref, Store};
 /// it, so no container may take this as its id.
 pub const STORE_DIR: &str = "images";
 
+/// Where in the store the bundle that `owner` (`run`, `serve`) unpacked for container `id`
+/// lives. Each owner has its own directory, so that `silo run` and a daemon sharing a state
+/// directory never touch each other's bundles.
+pub fn bundle_dir(store: &Store, owner: &str, id: &str) -> PathBuf {
+    store.dir().join("bundles").join(owner).join(id)
+}
+
 /// Errors from importing or unpacking an image.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

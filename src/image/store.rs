@@ -184,6 +184,8 @@ impl Blobs {
 }
 
 /// silo's image store: blobs shared by all images, and a ref per image name.
+// TODO: removing images and collecting the blobs no ref names. It needs a store-wide lock
+// first: a collection must never race an import that found a blob present and skipped it.
 #[derive(Debug, Clone)]
 pub struct Store {
     dir: PathBuf,

@@ -21,11 +21,11 @@ use std::path::{Component, Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2};
-use nix::sys::stat::{Mode, SFlag, fchmod, fstatat, futimens, mkdirat};
+use nix::sys::stat::{Mode, SFlag, UtimensatFlags, fchmod, fstatat, futimens, mkdirat, utimensat};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, linkat, symlinkat, unlinkat};
 use tar::EntryType;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// Errors from unpacking a layer.
 #[derive(Debug, thiserror::Error)]
@@ -151,11 +151,12 @@ impl Rootfs {
         };
         let mut archive = tar::Archive::new(super::decompress(reader).map_err(archive_err)?);
         let mut added = HashSet::new();
+        let mut dir_times = Vec::new();
         for entry in archive.entries().map_err(archive_err)? {
             let mut entry = entry.map_err(archive_err)?;
             let name = entry.path_bytes().into_owned();
             let shown = String::from_utf8_lossy(&name).into_owned();
-            self.entry(&mut entry, &name, &mut added)
+            self.entry(&mut entry, &name, &mut added, &mut dir_times)
                 .map_err(|f| match f {
                     Failure::Refused(r) => Error::Refused {
                         layer: layer.to_string(),
@@ -170,16 +171,40 @@ impl Rootfs {
                     },
                 })?;
         }
+        // A directory's time last, once this layer has put everything into it; deepest
+        // first, so setting one does not disturb its parent's.
+        dir_times.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
+        for (rel, mtime) in dir_times {
+            let parent = rel.parent().unwrap_or(Path::new(""));
+            let (Some(name), Ok(dir)) = (rel.file_name(), self.dir(parent, false)) else {
+                continue;
+            };
+            let t = TimeSpec::new(mtime, 0);
+            match utimensat(dir.as_fd(), name, &t, &t, UtimensatFlags::NoFollowSymlink) {
+                // Removed again later in the layer.
+                Ok(()) | Err(Errno::ENOENT) => {}
+                Err(e) => {
+                    return Err(Error::Entry {
+                        layer: layer.to_string(),
+                        entry: rel.display().to_string(),
+                        what: "set the modification time",
+                        source: e.into(),
+                    });
+                }
+            }
+        }
         Ok(())
     }
 
     /// Applies one entry. `added` holds every path this layer made, and their parents,
-    /// which its whiteouts must spare.
+    /// which its whiteouts must spare; `dir_times` gets the directories' modification
+    /// times, to set once the layer is done.
     fn entry(
         &self,
         entry: &mut tar::Entry<'_, Box<dyn Read + '_>>,
         name: &[u8],
         added: &mut HashSet<PathBuf>,
+        dir_times: &mut Vec<(PathBuf, i64)>,
     ) -> std::result::Result<(), Failure> {
         let rel = clean(name)?;
         let Some(file) = rel.file_name().map(|f| f.as_bytes().to_vec()) else {
@@ -209,11 +234,19 @@ impl Rootfs {
             };
         }
 
+        let pax = Pax::read(entry)?;
         let header = entry.header();
         let kind = header.entry_type();
         let mode = Mode::from_bits_truncate(header.mode().doing("read the mode")? & 0o7777);
-        let uid = Uid::from_raw(header.uid().doing("read the owner")? as u32);
-        let gid = Gid::from_raw(header.gid().doing("read the group")? as u32);
+        let uid = match pax.uid {
+            Some(uid) => uid,
+            None => header.uid().doing("read the owner")? as u32,
+        };
+        let gid = match pax.gid {
+            Some(gid) => gid,
+            None => header.gid().doing("read the group")? as u32,
+        };
+        let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
         let mtime = header.mtime().unwrap_or(0) as i64;
         let file = OsStr::from_bytes(&file);
         let link = entry.link_name_bytes().map(|l| l.into_owned());
@@ -244,6 +277,8 @@ impl Rootfs {
                     fchown(&dir, Some(uid), Some(gid)).doing("set the owner")?;
                 }
                 fchmod(&dir, mode).doing("set the mode")?;
+                pax.set_xattrs(&File::from(dir), &rel);
+                dir_times.push((rel.clone(), mtime));
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let parent = self.dir(parent_rel, true)?;
@@ -266,6 +301,8 @@ impl Rootfs {
                     fchown(&out, Some(uid), Some(gid)).doing("set the owner")?;
                 }
                 fchmod(&out, mode).doing("set the mode")?;
+                // After the owner: chown drops a file's capabilities.
+                pax.set_xattrs(&out, &rel);
                 let t = TimeSpec::new(mtime, 0);
                 futimens(&out, &t, &t).doing("set the modification time")?;
             }
@@ -359,6 +396,53 @@ impl Rootfs {
             };
         }
         Ok(fd)
+    }
+}
+
+/// What an entry's PAX header says beyond the tar header: owners too large for it, and
+/// extended attributes (`SCHILY.xattr.NAME`, as GNU tar and Docker write them).
+struct Pax {
+    uid: Option<u32>,
+    gid: Option<u32>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Pax {
+    fn read(entry: &mut tar::Entry<'_, Box<dyn Read + '_>>) -> std::result::Result<Pax, Failure> {
+        let mut pax = Pax {
+            uid: None,
+            gid: None,
+            xattrs: Vec::new(),
+        };
+        let Some(exts) = entry.pax_extensions().doing("read the PAX header")? else {
+            return Ok(pax);
+        };
+        for ext in exts {
+            let ext = ext.doing("read the PAX header")?;
+            let number = || std::str::from_utf8(ext.value_bytes()).ok()?.parse().ok();
+            match ext.key_bytes() {
+                b"uid" => pax.uid = number(),
+                b"gid" => pax.gid = number(),
+                key => {
+                    if let Some(name) = key.strip_prefix(b"SCHILY.xattr.") {
+                        pax.xattrs.push((name.to_vec(), ext.value_bytes().to_vec()));
+                    }
+                }
+            }
+        }
+        Ok(pax)
+    }
+
+    /// Sets the extended attributes on the file just made. One the filesystem or the
+    /// kernel refuses is skipped, as other runtimes do: an image stays usable without it.
+    fn set_xattrs(&self, file: &File, rel: &Path) {
+        use xattr::FileExt;
+        for (name, value) in &self.xattrs {
+            if let Err(e) = file.set_xattr(OsStr::from_bytes(name), value) {
+                let name = String::from_utf8_lossy(name);
+                warn!(entry = %rel.display(), %name, error = %e, "skipped an extended attribute");
+            }
+        }
     }
 }
 
