@@ -137,7 +137,7 @@ impl Registry {
         };
         // Unpacked images of containers the runtime does not know (a start cut short by a
         // crash) are the daemon's to remove.
-        if let Ok(dirs) = std::fs::read_dir(registry.images.dir().join("bundles")) {
+        if let Ok(dirs) = std::fs::read_dir(registry.bundles_dir()) {
             let known: BTreeSet<String> = registry
                 .runtime
                 .containers()
@@ -367,8 +367,13 @@ impl Registry {
         Ok((dir, crate::image::config::ports(&spec)))
     }
 
+    /// Where the daemon's containers' unpacked images are, one directory per id.
+    fn bundles_dir(&self) -> PathBuf {
+        crate::image::bundle_dir(&self.images, "serve", "")
+    }
+
     fn bundle_dir(&self, id: &str) -> PathBuf {
-        crate::image::bundle_dir(&self.images, "serve", id)
+        self.bundles_dir().join(id)
     }
 
     /// Removes container `id`'s unpacked image, if it has one.
