@@ -320,7 +320,7 @@ impl Container {
                 // cgroup may still be another runtime's, if this one crashed before making
                 // it: removing only an empty one never harms that.
                 if let Some(rel) = &record.cgroup {
-                    let cgroup = Cgroup::open(&container.inner.shared.config.cgroup_parent, rel)?;
+                    let cgroup = Cgroup::open(&record.cgroup_parent, rel)?;
                     if let Err(e) = cgroup.remove() {
                         warn!(container = %container.inner.id, error = %e,
                               "left the cgroup of an unfinished start");
@@ -333,8 +333,9 @@ impl Container {
             Phase::Running => {}
         }
         let keeper = record.keeper.and_then(|k| k.open());
-        if let Some(pidfd) = record.init.and_then(|p| p.open()) {
-            container.adopt(record, pidfd, keeper)?;
+        if let Some(pidfd) = record.init.and_then(|p| p.open())
+            && container.adopt(record.clone(), pidfd, keeper.as_ref())?
+        {
             return Ok(Some(container));
         }
 
@@ -346,7 +347,7 @@ impl Container {
         // Teardown goes on past errors, removing what it can.
         let mut oom_killed = false;
         if let Some(rel) = &record.cgroup {
-            let cgroup = Cgroup::open(&container.inner.shared.config.cgroup_parent, rel)?;
+            let cgroup = Cgroup::open(&record.cgroup_parent, rel)?;
             oom_killed = cgroup.oom_killed();
             if let Err(e) = cgroup.kill_all().and_then(|()| cgroup.remove()) {
                 warn!(container = %container.inner.id, error = %e, "failed to remove cgroup");
@@ -373,18 +374,19 @@ impl Container {
         info!(container = %container.inner.id, code = status.code(),
               "a container exited while no runtime ran");
         record.exited(outcome.clone());
-        record.save(&dir).map_err(|source| Error::Io {
-            id: container.inner.id.clone(),
-            what: "record its exit".into(),
-            source,
-        })?;
+        if let Err(e) = record.save(&dir) {
+            // A full disk, say: the next runtime then finds the same again and cleans up
+            // what is already gone, which is harmless.
+            warn!(container = %container.inner.id, error = %e, "failed to record the exit");
+        }
         container.publish_exit(outcome);
         Ok(Some(container))
     }
 
     /// Takes over a running container from its record: watches its init and keeper, takes
     /// the log pipe from the keeper and supervises it as if this runtime had started it.
-    fn adopt(&self, record: Record, pidfd: OwnedFd, keeper: Option<OwnedFd>) -> Result<()> {
+    /// False when the init turns out to have died meanwhile.
+    fn adopt(&self, record: Record, pidfd: OwnedFd, keeper: Option<&OwnedFd>) -> Result<bool> {
         let id = &self.inner.id;
         if tokio::runtime::Handle::try_current().is_err() {
             return Err(Error::Unsupported(
@@ -396,25 +398,35 @@ impl Container {
             move |source| Error::Io { id, what, source }
         };
         let pid = record.init.expect("a running record names its init").pid;
-        let log = match (record.log_fd, &keeper) {
-            (Some(fd), Some(keeper)) => {
-                Some(take_fd(keeper, fd).map_err(io("take the log pipe from the keeper".into()))?)
-            }
+        let log = match (record.log_fd, keeper) {
+            (Some(fd), Some(keeper)) => match take_fd(keeper, fd) {
+                Ok(log) => Some(log),
+                // Its output is then lost, the container is not.
+                Err(e) => {
+                    warn!(container = %id, error = %e, "cannot take the log pipe from the keeper");
+                    None
+                }
+            },
             _ => None,
+        };
+        let keeper = match keeper.map(|k| k.try_clone()).transpose() {
+            Ok(keeper) => keeper,
+            Err(e) => return Err(io("duplicate the keeper's pidfd".into())(e)),
         };
         let init = Init::new(id, pidfd, keeper, None)?;
         let netns = match &record.link {
-            Some(_) => Some(
-                std::fs::File::open(format!("/proc/{pid}/ns/net"))
-                    .map_err(io("open the network namespace".into()))?,
-            ),
+            Some(_) => std::fs::File::open(format!("/proc/{pid}/ns/net")).ok(),
             None => None,
         };
-        // The namespace opened by pid is the init's only if the init still lives now.
-        monitor::send_signal(init.pidfd.get_ref(), 0)
-            .map_err(io("check that the init still runs".into()))?;
+        // The namespace opened by pid is the init's only if the init still lives now; if it
+        // has died meanwhile, the caller tears it down as a container that exited.
+        if monitor::send_signal(init.pidfd.get_ref(), 0).is_err()
+            || (record.link.is_some() && netns.is_none())
+        {
+            return Ok(false);
+        }
         let cgroup = Cgroup::open(
-            &self.inner.shared.config.cgroup_parent,
+            &record.cgroup_parent,
             record.cgroup.as_deref().unwrap_or(id),
         )?;
         let log_task = log.map(|r| {
@@ -457,7 +469,7 @@ impl Container {
             run.supervise()
                 .instrument(info_span!(parent: None, "monitor", container = %id)),
         );
-        Ok(())
+        Ok(true)
     }
 
     fn owner(&self) -> std::sync::MutexGuard<'_, Option<state::Owner>> {
@@ -559,7 +571,7 @@ impl Container {
         made.state_dir = Some(state_dir.clone());
         // Recorded before the cgroup is made, so that a runtime started after a crash from
         // here on finds it and removes it.
-        let mut record = Record::starting(cgroup_rel.clone());
+        let mut record = Record::starting(&shared.config.cgroup_parent, &cgroup_rel);
         record
             .save(&state_dir)
             .map_err(io(format!("write the record in {}", state_dir.display())))?;
@@ -589,9 +601,12 @@ impl Container {
             }
         };
 
+        let dir_fd = std::fs::File::open(&state_dir)
+            .map_err(io(format!("open state directory {}", state_dir.display())))?;
         let keep = spawn::Keep {
             exit_record: exit_record.as_fd(),
             log: log_reader.as_ref().map(|r| r.as_fd()),
+            state_dir: dir_fd.as_fd(),
         };
         let mut child = spawn::spawn(
             &plan,
@@ -599,7 +614,7 @@ impl Container {
             cgroup_dir.as_ref().map(|d| d.as_fd()),
             &keep,
         )?;
-        drop((output, exit_record));
+        drop((output, exit_record, dir_fd));
         let pid = child.pid;
         let init = Init::new(
             id,

@@ -15,6 +15,8 @@ use tracing::warn;
 
 /// The log's file name in the container's state directory.
 pub const FILE: &str = "log";
+/// [`FILE`], for raw syscalls.
+pub(crate) const FILE_C: &std::ffi::CStr = c"log";
 
 /// Copies everything from `reader` to the log file at `path` until every writer is gone.
 pub async fn drain(reader: OwnedFd, path: PathBuf, cap: u64) {
@@ -110,6 +112,11 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_raw_name_is_the_name() {
+        assert_eq!(FILE_C.to_str(), Ok(FILE));
+    }
 
     #[test]
     fn log_rotates_at_its_cap() {

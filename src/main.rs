@@ -134,10 +134,24 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            say(format_args!("silo: {e:#}"));
+            say(format_args!("silo: {}", describe(&e)));
             ExitCode::from(125)
         }
     }
+}
+
+/// The error and its causes, each once: silo's errors already name their cause in their
+/// message, and anyhow's context does not.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {

@@ -144,14 +144,23 @@ fn recover(shared: &Arc<Shared>) -> Result<HashMap<String, Container>> {
         };
         let record = match state::Record::load(&dir) {
             Ok(record) => record,
-            Err(e) if state::unrecorded(&dir) => {
-                // A start that died before writing its record made nothing yet.
-                debug!(container = %id, error = %e, "removing an unrecorded start");
-                let _ = std::fs::remove_dir_all(&dir);
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if state::unrecorded(&dir) {
+                    // A start that died before writing its record made nothing yet.
+                    debug!(container = %id, "removing an unrecorded start");
+                    let _ = std::fs::remove_dir_all(&dir);
+                } else {
+                    debug!(dir = %dir.display(), "not a container's state directory");
+                }
                 continue;
             }
             Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "unreadable container record");
+                match state::Record::quarantine(&shared.config.state_dir, &id) {
+                    Ok(to) => warn!(container = %id, error = %e, moved_to = %to.display(),
+                                    "unreadable container record: its container is not managed"),
+                    Err(e2) => warn!(container = %id, error = %e, move_error = %e2,
+                                     "unreadable container record"),
+                }
                 continue;
             }
         };

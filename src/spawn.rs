@@ -1235,6 +1235,9 @@ pub struct Keep<'a> {
     pub exit_record: BorrowedFd<'a>,
     /// The log pipe's read end, kept open for a later runtime to take over.
     pub log: Option<BorrowedFd<'a>>,
+    /// The container's state directory, where the keeper appends what is left in the log
+    /// pipe when the init exits while no runtime reads it.
+    pub state_dir: BorrowedFd<'a>,
 }
 
 /// Makes a pipe whose ends are close-on-exec and numbered 3 or above, so that moving the
@@ -1294,6 +1297,8 @@ pub fn spawn(
         exit: keep.exit_record.as_raw_fd(),
         log: keep.log.map_or(-1, |fd| fd.as_raw_fd()),
         cgroup: cgroup_dir.map_or(-1, |fd| fd.as_raw_fd()),
+        state_dir: keep.state_dir.as_raw_fd(),
+        runtime: std::process::id() as i32,
     };
 
     if plan.joins.len() > MAX_JOINS {
@@ -1436,6 +1441,9 @@ struct KeeperFds {
     exit: RawFd,
     log: RawFd,
     cgroup: RawFd,
+    state_dir: RawFd,
+    /// The runtime's pid: while it is the keeper's parent, the runtime reads the log pipe.
+    runtime: i32,
 }
 
 /// A fixed buffer for "/proc/self/fd/N", formatted without allocating.
@@ -2051,7 +2059,7 @@ unsafe fn keeper(plan: &Plan, fds: ChildFds, k: KeeperFds) -> ! {
         close_all_but(
             [fds.go, fds.err, fds.stdin, fds.out]
                 .into_iter()
-                .chain([k.info, k.ack, k.exit, k.log, k.cgroup])
+                .chain([k.info, k.ack, k.exit, k.log, k.cgroup, k.state_dir])
                 .chain(joins),
         );
         // Out of the runtime's session and process group, and deaf to every signal but
@@ -2150,6 +2158,9 @@ unsafe fn keeper(plan: &Plan, fds: ChildFds, k: KeeperFds) -> ! {
                 Err(_) => break,
             }
         }
+        if k.log >= 0 && raw!(Sysno::getppid) != Ok(k.runtime as usize) {
+            save_log(&k);
+        }
         let _ = raw!(
             Sysno::pwrite64,
             k.exit,
@@ -2159,6 +2170,39 @@ unsafe fn keeper(plan: &Plan, fds: ChildFds, k: KeeperFds) -> ! {
         );
         // _exit makes one syscall and writes no errno.
         libc::_exit(0)
+    }
+}
+
+/// Appends what is left in the log pipe to the log file, once the init has exited while its
+/// runtime is gone: the pipe, and what the container wrote into it, ends with the keeper.
+/// (A runtime that adopted the container meanwhile reads the pipe too; whatever either
+/// reads goes to the same file.)
+///
+/// # Safety
+/// Only for the keeper.
+unsafe fn save_log(k: &KeeperFds) {
+    use syscalls::Sysno;
+    // SAFETY: raw syscalls on our descriptors and a stack buffer.
+    unsafe {
+        let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC;
+        let Ok(file) = raw!(
+            Sysno::openat,
+            k.state_dir,
+            crate::logs::FILE_C.as_ptr(),
+            flags,
+            0o644
+        ) else {
+            return;
+        };
+        // Only what is there now: another process of the container may still hold the pipe.
+        let _ = raw!(Sysno::fcntl, k.log, libc::F_SETFL, libc::O_NONBLOCK);
+        let mut buf = [0u8; 16 << 10];
+        while let Ok(n) = raw!(Sysno::read, k.log, buf.as_mut_ptr(), buf.len()) {
+            if n == 0 || raw!(Sysno::write, file, buf.as_ptr(), n) != Ok(n) {
+                break;
+            }
+        }
+        let _ = raw!(Sysno::close, file);
     }
 }
 

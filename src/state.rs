@@ -103,7 +103,9 @@ pub(crate) struct Record {
     #[serde(flatten)]
     pub phase: Phase,
     pub started_at: SystemTime,
-    /// The cgroup silo made, below the runtime's parent; `None` once it is removed.
+    /// The parent the cgroup was made below: a later runtime may be configured otherwise.
+    pub cgroup_parent: String,
+    /// The cgroup silo made, below `cgroup_parent`; `None` once it is removed.
     pub cgroup: Option<String>,
     pub init: Option<Proc>,
     pub keeper: Option<Proc>,
@@ -116,11 +118,12 @@ pub(crate) struct Record {
 }
 
 impl Record {
-    pub(crate) fn starting(cgroup: String) -> Record {
+    pub(crate) fn starting(cgroup_parent: &str, cgroup: &str) -> Record {
         Record {
             phase: Phase::Starting,
             started_at: SystemTime::now(),
-            cgroup: Some(cgroup),
+            cgroup_parent: cgroup_parent.to_string(),
+            cgroup: Some(cgroup.to_string()),
             init: None,
             keeper: None,
             log_fd: None,
@@ -145,6 +148,21 @@ impl Record {
         let tmp = dir.join(".container.json.new");
         std::fs::write(&tmp, json)?;
         std::fs::rename(&tmp, dir.join(RECORD_FILE))
+    }
+
+    /// Moves a state directory whose record cannot be read out of the way, below
+    /// `.damaged/` in the state directory, for an operator to look at: nothing of it can be
+    /// cleaned up without the record, and a new start must not take it for its own.
+    pub(crate) fn quarantine(state_dir: &Path, id: &str) -> std::io::Result<std::path::PathBuf> {
+        let damaged = state_dir.join(".damaged");
+        std::fs::create_dir_all(&damaged)?;
+        let stamp = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let to = damaged.join(format!("{id}-{stamp}"));
+        std::fs::rename(state_dir.join(id), &to)?;
+        Ok(to)
     }
 
     pub(crate) fn load(dir: &Path) -> std::io::Result<Record> {

@@ -531,11 +531,10 @@ async fn wait_for_ports_times_out_or_fails_fast() {
 #[tokio::test]
 async fn logs_stream_and_follow() {
     with_daemon("logs", |d| async move {
-        let script = "echo one; echo err >&2; sleep 1; echo two";
-        let started = Instant::now();
+        let script = "echo one; echo err >&2; sleep 2; echo two";
         d.put("talk", &["/bin/sh", "-c", script], json!({})).await;
         let path = format!("/v1/containers/{}/logs", d.id("talk"));
-        // Following: the first line comes while it runs, the rest when written, and the
+        // Following: the first lines come while it runs, the rest when written, and the
         // stream ends with the run.
         let req = Request::get(format!("{path}?follow=1"))
             .body(Full::new(Bytes::new()))
@@ -543,24 +542,16 @@ async fn logs_stream_and_follow() {
         let resp = d.send(req).await;
         assert_eq!(resp.status(), 200);
         let mut body = resp.into_body();
-        let mut text = String::new();
-        let mut first_at = None;
+        let mut frames = Vec::new();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.unwrap().into_data() {
-                first_at.get_or_insert_with(Instant::now);
-                text.push_str(&String::from_utf8_lossy(&data));
+                frames.push(String::from_utf8_lossy(&data).into_owned());
             }
         }
-        let ended = Instant::now();
-        assert_eq!(text, "one\nerr\ntwo\n");
-        let first_at = first_at.unwrap();
+        assert_eq!(frames.concat(), "one\nerr\ntwo\n");
         assert!(
-            first_at - started < Duration::from_millis(900),
-            "one came late"
-        );
-        assert!(
-            ended - first_at >= Duration::from_millis(500),
-            "it did not follow"
+            frames.len() > 1 && !frames[0].contains("two"),
+            "it did not follow: {frames:?}"
         );
         let (_, info) = d.get("talk").await;
         assert_eq!(info["status"], "stopped");

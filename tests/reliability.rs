@@ -189,8 +189,8 @@ async fn the_keeper_outlives_stray_signals_and_its_loss_is_reported_honestly() {
         let keeper = parent_of(c.pid().unwrap());
         let comm = std::fs::read_to_string(format!("/proc/{keeper}/comm")).unwrap();
         assert_eq!(comm.trim(), "silo-keeper");
-        // It holds no terminal or pipe of the caller's: only the exit record, the log pipe
-        // and its init's pidfd.
+        // It holds no terminal or pipe of the caller's: only the exit record, the log pipe,
+        // the state directory (to save what is left in the pipe) and its init's pidfd.
         for fd in 0..3 {
             let target = std::fs::read_link(format!("/proc/{keeper}/fd/{fd}")).unwrap();
             assert_eq!(target, std::path::Path::new("/dev/null"), "fd {fd}");
@@ -201,7 +201,8 @@ async fn the_keeper_outlives_stray_signals_and_its_loss_is_reported_honestly() {
             .map(|e| std::fs::read_link(e.path()).unwrap().display().to_string())
             .filter(|t| t != "/dev/null")
             .collect();
-        assert_eq!(held.len(), 3, "{held:?}");
+        assert_eq!(held.len(), 4, "{held:?}");
+        assert!(held.iter().any(|t| t.ends_with(c.id())), "{held:?}");
         assert!(held.iter().any(|t| t.ends_with("/exit")), "{held:?}");
         assert_eq!(
             held.iter().filter(|t| t.starts_with("pipe:")).count(),

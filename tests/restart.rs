@@ -44,7 +44,26 @@ async fn a_daemon_killed_and_restarted_adopts_its_containers() {
             .await;
         assert_eq!(status, 200, "{idle}");
 
+        // Writes, then writes again and exits while no daemon runs.
+        let (_, last) = d
+            .put(
+                "last",
+                &[
+                    "/bin/sh",
+                    "-c",
+                    "echo before; sleep 0.5; echo during; exit 6",
+                ],
+                json!({}),
+            )
+            .await;
+
         d.crash();
+        let last_pid = last["pid"].as_u64().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{last_pid}")).exists() {
+            assert!(std::time::Instant::now() < deadline, "{last} did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         // While no daemon runs, one container dies: killed from outside, as the OOM killer
         // or an operator might.
         let gone_pid = gone["pid"].as_u64().unwrap() as i32;
@@ -79,6 +98,15 @@ async fn a_daemon_killed_and_restarted_adopts_its_containers() {
                 d.id("gone")
             )
         );
+
+        // What the exited one wrote while no daemon read its output is kept, as its code.
+        let info = d
+            .wait_status("last", "stopped", Duration::from_secs(5))
+            .await;
+        assert_eq!(info["exitCode"], 6, "{info}");
+        let path = format!("/v1/containers/{}/logs", d.id("last"));
+        let (_, text) = d.raw(Method::GET, &path, Bytes::new()).await;
+        assert_eq!(text, "before\nduring\n");
 
         // The adopted idle timeout still stops the idle one.
         let info = d
@@ -162,7 +190,7 @@ async fn a_daemon_killed_at_each_step_converges_after_a_restart() {
             assert_gone(&d.id("half"), None);
             let state = d.dir.path().join("state/containers").join(d.id("half"));
             assert!(!state.exists(), "{point}: its state directory is left");
-            assert_no_silo_network(point);
+            assert_no_silo_network(point).await;
         }
 
         // Killed in a destroy before the kill: the container still runs, adopted, and the
@@ -191,7 +219,7 @@ async fn a_daemon_killed_at_each_step_converges_after_a_restart() {
         d.crash();
         d.restart(Some("exit:teardown")).await;
         let (_, info) = d
-            .put("ends", &["/bin/testprog", "exit", "3"], json!({}))
+            .put("ends", &["/bin/sh", "-c", "sleep 0.3; exit 3"], json!({}))
             .await;
         d.crashed().await;
         d.restart(None).await;
@@ -205,15 +233,28 @@ async fn a_daemon_killed_at_each_step_converges_after_a_restart() {
 }
 
 /// No veth of silo's is left in this network namespace (the suite runs in its own, and the
-/// tests of this file one at a time), and no firewall state for one.
-fn assert_no_silo_network(when: &str) {
-    let links = std::process::Command::new("ip")
-        .args(["-o", "link"])
-        .output()
-        .unwrap();
-    let links = String::from_utf8_lossy(&links.stdout);
-    let ours: Vec<&str> = links.lines().filter(|l| l.contains(": sl")).collect();
-    assert!(ours.is_empty(), "{when}: veths left: {ours:?}");
+/// tests of this file one at a time), and no firewall state for one. The kernel deletes a
+/// veth pair with the namespace of its other end, but in the background: a pair whose
+/// namespace just died is given a few seconds to go.
+async fn assert_no_silo_network(when: &str) {
+    let ours = || {
+        let links = std::process::Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap();
+        let links = String::from_utf8_lossy(&links.stdout).into_owned();
+        links
+            .lines()
+            .filter(|l| l.contains(": sl"))
+            .map(str::to_string)
+            .collect::<Vec<String>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !ours().is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = ours();
+    assert!(left.is_empty(), "{when}: veths left: {left:?}");
     let table = std::process::Command::new("nft")
         .args(["list", "table", "inet", "silo"])
         .output()

@@ -98,7 +98,9 @@ impl ApiError {
                     )
                     | image::Error::Config(_),
                 ) => StatusCode::BAD_REQUEST,
-                Error::AlreadyRunning(_) | Error::NotRunning(_) => StatusCode::CONFLICT,
+                Error::AlreadyRunning(_) | Error::NotRunning(_) | Error::OwnedElsewhere(_) => {
+                    StatusCode::CONFLICT
+                }
                 Error::NeverStarted(_) => StatusCode::NOT_FOUND,
                 Error::Unsupported(_) => StatusCode::NOT_IMPLEMENTED,
                 Error::NotListening { .. } | Error::Http { .. } | Error::Exit(_) => {

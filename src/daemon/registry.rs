@@ -318,10 +318,16 @@ impl Registry {
 
     /// Destroys the container and forgets it. Unknown ids are fine: destroy is idempotent.
     pub(crate) async fn destroy(&self, id: &str, reason: Option<String>) -> Result<(), ApiError> {
-        let entry = match self.map().get(id) {
-            Some(entry) => entry.clone(),
-            None if valid_id(id) => return Ok(()),
-            None => return Err(Error::InvalidId(id.to_string()).into()),
+        let known = self.map().get(id).cloned();
+        let entry = match known {
+            Some(entry) => entry,
+            None if !valid_id(id) => return Err(Error::InvalidId(id.to_string()).into()),
+            // Unknown here, but another runtime's on the same state directory: refused.
+            None if self.runtime.config().state_dir.join(id).exists() => {
+                self.runtime.container(id)?.destroy(reason).await?;
+                return Ok(());
+            }
+            None => return Ok(()),
         };
         let _lifecycle = entry.lifecycle.lock().await;
         if entry.state().removed {
@@ -430,7 +436,7 @@ impl Entry {
         self.activity.send_modify(|a| a.last = Instant::now());
         let container = self.container.clone();
         let watched = run.clone();
-        tokio::spawn(async move {
+        let record = async move {
             let result = container.monitor().await;
             let outcome = container.outcome();
             let info = ExitInfo {
@@ -446,7 +452,13 @@ impl Entry {
             };
             debug!(container = %container.id(), code = info.code, "run ended");
             watched.exit.send_replace(Some(Arc::new(info)));
-        });
+        };
+        if self.container.outcome().is_some() && !self.container.running() {
+            // A run that ended before this daemon started: on record before anyone asks.
+            record.await;
+        } else {
+            tokio::spawn(record);
+        }
         run
     }
 
