@@ -11,7 +11,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::daemon::{Endpoint, assert_gone, handshake, with_daemon};
+use common::daemon::{Endpoint, assert_gone, handshake, silo_serve, with_daemon};
 use http::{Method, Request, header};
 use http_body_util::Full;
 use serde_json::json;
@@ -264,4 +264,64 @@ async fn assert_no_silo_network(when: &str) {
         !table.contains("\"sl"),
         "{when}: firewall state left:\n{table}"
     );
+}
+
+#[tokio::test]
+async fn a_second_daemon_on_the_same_state_refuses_the_first_ones_containers() {
+    let _alone = ALONE.lock().await;
+    with_daemon("owner", |d| async move {
+        let (_, mine) = d.put("mine", SLEEP, json!({})).await;
+        let socket = d.dir.path().join("run/other.sock");
+        let mut other = silo_serve(&d.dir, &format!("unix:{}", socket.display()))
+            .spawn()
+            .expect("spawn a second silo serve");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&socket).await.is_err() {
+            assert!(std::time::Instant::now() < deadline, "{}", d.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let send = |method: Method| {
+            let socket = socket.clone();
+            let path = format!("/v1/containers/{}", d.id("mine"));
+            let body = match method {
+                Method::PUT => json!({ "bundle": common::bundle(), "entrypoint": SLEEP }),
+                _ => json!({}),
+            }
+            .to_string();
+            async move {
+                let mut req = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(Full::new(Bytes::from(body)))
+                    .unwrap();
+                req.headers_mut()
+                    .insert(header::HOST, "silo".parse().unwrap());
+                let mut sender = handshake(UnixStream::connect(&socket).await.unwrap()).await;
+                let resp = sender.send_request(req).await.unwrap();
+                let status = resp.status().as_u16();
+                let body = http_body_util::BodyExt::collect(resp.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        for method in [Method::DELETE, Method::PUT] {
+            let (status, body) = send(method.clone()).await;
+            assert_eq!(status, 409, "{method}: {body}");
+            assert!(
+                body.contains("belongs to another runtime"),
+                "{method}: {body}"
+            );
+        }
+        // SAFETY: kill(2) on the second daemon, which this test started and has not reaped.
+        unsafe { libc::kill(other.id() as i32, libc::SIGTERM) };
+        assert!(other.wait().unwrap().success());
+        let (_, info) = d.get("mine").await;
+        assert_eq!(
+            (&info["running"], &info["pid"]),
+            (&json!(true), &mine["pid"])
+        );
+    })
+    .await;
 }
