@@ -77,13 +77,22 @@ impl Bundle {
             path: config_path.clone(),
             source,
         })?;
+        Bundle::from_json(&text, dir)
+    }
+
+    /// Checks `text` as the `config.json` of the bundle directory `dir` (taken as given,
+    /// not made absolute) without reading it from disk. Only the root filesystem is looked
+    /// up, to make sure it is a directory.
+    pub fn from_json(text: &[u8], dir: impl Into<PathBuf>) -> Result<Bundle> {
+        let dir = dir.into();
+        let config_path = dir.join("config.json");
         // serde_json's own errors say where (line and column) and what (the field).
-        let spec: Spec = serde_json::from_slice(&text).map_err(|source| Error::Json {
+        let spec: Spec = serde_json::from_slice(text).map_err(|source| Error::Json {
             path: config_path.clone(),
             source,
         })?;
         let raw: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|source| Error::Json {
+            serde_json::from_slice(text).map_err(|source| Error::Json {
                 path: config_path.clone(),
                 source,
             })?;

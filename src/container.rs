@@ -687,7 +687,7 @@ async fn unconfine(link: &Link) {
 }
 
 /// The process to run: the bundle's, with the caller's entrypoint and environment over it.
-fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
+pub(crate) fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
     let spec_process = bundle
         .spec()
         .process()
@@ -731,7 +731,7 @@ fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
 }
 
 /// The cgroup limits: the bundle's, with the instance type's cpu and memory over them.
-fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
+pub(crate) fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
     const DEFAULT_PIDS: i64 = 4096;
     const PERIOD_US: u64 = 100_000;
     let res = bundle

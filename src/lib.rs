@@ -12,6 +12,8 @@ mod container;
 pub mod daemon;
 mod error;
 pub mod firewall;
+#[doc(hidden)]
+pub mod fuzzing;
 mod logs;
 pub mod monitor;
 pub mod network;
