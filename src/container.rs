@@ -494,7 +494,7 @@ impl Container {
     pub async fn destroy(&self, reason: Option<String>) -> Result<()> {
         let span = info_span!("destroy", container = %self.inner.id);
         async {
-            let life = self.inner.life.lock().await;
+            let mut life = self.inner.life.lock().await;
             if let Some(live) = life.as_ref()
                 && !matches!(*self.inner.state.borrow(), State::Exited(_))
             {
@@ -510,6 +510,11 @@ impl Container {
                     warn!(error = %e, "failed to kill init");
                 }
                 self.wait_exited().await;
+            }
+            // The run is over: let its pidfd go now rather than when its monitor task gets
+            // to it, so that the descriptor is closed once destroy returns.
+            if matches!(*self.inner.state.borrow(), State::Exited(_)) {
+                *life = None;
             }
             drop(life);
             match std::fs::remove_dir_all(self.state_dir()) {
@@ -618,6 +623,10 @@ impl Run {
                 ExitStatus::Signal(libc::SIGKILL)
             }
         };
+        // The init is reaped: its pidfd is of no more use. The Life keeps a copy until it is
+        // cleared below or by destroy; the Weak only tells that copy apart from another run's.
+        let pidfd = Arc::downgrade(&self.pidfd);
+        drop(self.pidfd);
         inner.state.send_replace(State::Stopping);
         let boot_error = Report::read(self.errors.as_fd()).map(|r| self.plan.describe(&r));
         let oom_killed = self.cgroup.oom_killed();
@@ -673,6 +682,17 @@ impl Run {
             "container exited"
         );
         inner.state.send_replace(State::Exited(Arc::new(outcome)));
+
+        // Without this, a container that ran once would hold a descriptor for as long as
+        // its handle lives (the runtime keeps every handle). A start since then has put a
+        // Life of its own there, which stays.
+        let mut life = inner.life.lock().await;
+        if life
+            .as_ref()
+            .is_some_and(|l| std::ptr::eq(Arc::as_ptr(&l.pidfd), pidfd.as_ptr()))
+        {
+            *life = None;
+        }
     }
 }
 

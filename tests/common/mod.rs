@@ -4,7 +4,9 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+pub mod soak;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once};
@@ -94,6 +96,17 @@ impl Harness {
         c.start(self.opts(args)).await.expect("start");
         self.record(&c).await;
         c
+    }
+
+    /// What this harness's container ids start with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The host ends of the veth pairs of every container recorded so far.
+    pub fn host_ifs(&self) -> BTreeSet<String> {
+        let seen = self.seen.lock().unwrap();
+        seen.iter().filter_map(|s| s.host_if.clone()).collect()
     }
 
     /// Notes the pid and veth of a running container, for the leak check.
