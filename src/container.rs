@@ -73,7 +73,10 @@ impl std::str::FromStr for Instance {
             }
         }
         match (vcpu, memory) {
-            (Some(vcpu), Some(memory_bytes)) if vcpu > 0.0 && memory_bytes > 0 => {
+            // "inf" and "NaN" parse as f64: an infinite share of the CPU is no limit at all.
+            (Some(vcpu), Some(memory_bytes))
+                if vcpu.is_finite() && vcpu > 0.0 && memory_bytes > 0 =>
+            {
                 Ok(Instance { vcpu, memory_bytes })
             }
             _ => Err(bad()),
@@ -800,5 +803,8 @@ mod tests {
         assert_eq!(custom.memory_bytes, 512 << 20);
         assert!("huge".parse::<Instance>().is_err());
         assert!("cpu=0,memory=1G".parse::<Instance>().is_err());
+        let e = "cpu=inf,memory=1G".parse::<Instance>().unwrap_err();
+        assert!(e.to_string().contains("\"cpu=inf,memory=1G\""), "{e}");
+        assert!("cpu=NaN,memory=1G".parse::<Instance>().is_err());
     }
 }

@@ -139,3 +139,12 @@ fn bundle_seeds_and_mutations() {
 fn api_request_seeds_and_mutations() {
     exercise("api_request", fuzzing::api_request);
 }
+
+// Inputs that once failed an entry point, fixed since.
+
+#[test]
+fn an_infinite_cpu_share_is_refused() {
+    fuzzing::api_request(
+        b"PUT /v1/containers/web\n{\"bundle\":\"/b\",\"instance\":\"cpu=inf,memory=1G\"}",
+    );
+}
