@@ -82,11 +82,13 @@ pub async fn soak(h: &Arc<Harness>, soak: &Soak) -> Report {
     let fd_warm = open_fds();
 
     let next = Arc::new(AtomicUsize::new(1));
+    let done = Arc::new(AtomicUsize::new(1));
     let rss_mid = Arc::new(Mutex::new(None));
     let tasks: Vec<_> = workers
         .into_iter()
         .map(|c| {
-            let (h, next, rss_mid) = (h.clone(), next.clone(), rss_mid.clone());
+            let (h, next, done) = (h.clone(), next.clone(), done.clone());
+            let rss_mid = rss_mid.clone();
             let cycles = soak.cycles;
             tokio::spawn(async move {
                 loop {
@@ -95,6 +97,7 @@ pub async fn soak(h: &Arc<Harness>, soak: &Soak) -> Report {
                         return;
                     }
                     cycle(&h, &c, i).await;
+                    done.fetch_add(1, Ordering::SeqCst);
                     if i == cycles / 2 {
                         *rss_mid.lock().unwrap() = Some(rss_kib());
                     }
@@ -106,14 +109,14 @@ pub async fn soak(h: &Arc<Harness>, soak: &Soak) -> Report {
         task.await.expect("a soak worker panicked");
     }
     let elapsed = started.elapsed();
-    let cycles = next.load(Ordering::SeqCst).min(soak.cycles);
+    let cycles = done.load(Ordering::SeqCst);
     let rss_end = rss_kib();
     let fd_end = open_fds();
     let rss_mid = rss_mid.lock().unwrap().unwrap_or(rss_end);
 
     let mut leaks = host_leaks(h, &veths_before);
     for (fd, target) in &fd_end {
-        if !fd_warm.contains_key(fd) {
+        if fd_warm.get(fd) != Some(target) {
             leaks.push(format!(
                 "fd {fd} ({target}), not open after the first cycle"
             ));
