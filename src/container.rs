@@ -632,6 +632,10 @@ impl Run {
         drop(self.pidfd);
         inner.state.send_replace(State::Stopping);
         let boot_error = Report::read(self.errors.as_fd()).map(|r| self.plan.describe(&r));
+        // Closed before the exit is published (the plan holds the descriptors of joined
+        // namespaces): once destroy returns, the run holds no descriptor.
+        drop(self.errors);
+        drop(self.plan);
         let oom_killed = self.cgroup.oom_killed();
 
         if let Some(link) = &self.link {

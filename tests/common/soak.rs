@@ -30,9 +30,9 @@ pub struct Soak {
 pub struct Report {
     pub cycles: usize,
     pub elapsed: Duration,
-    /// The runtime process's resident set in KiB: before the first cycle, after half of
-    /// them, and at the end.
-    pub rss_kib: [u64; 3],
+    /// The runtime process's resident set in KiB: before the first cycle, after it (the
+    /// runtime's threads and buffers are there by then), after half of them, and at the end.
+    pub rss_kib: [u64; 4],
     /// Open descriptors of the runtime process: before the first cycle, after it (once
     /// whatever the runtime opens on first use is open) and at the end.
     pub fds: [usize; 3],
@@ -41,7 +41,7 @@ pub struct Report {
 
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [rss_start, rss_mid, rss_end] = self.rss_kib;
+        let [rss_start, rss_warm, rss_mid, rss_end] = self.rss_kib;
         let [fd_start, fd_warm, fd_end] = self.fds;
         writeln!(
             f,
@@ -52,7 +52,8 @@ impl std::fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "RSS: {rss_start} KiB at start, {rss_mid} KiB at the middle, {rss_end} KiB at the end"
+            "RSS: {rss_start} KiB at start, {rss_warm} KiB after the first cycle, \
+             {rss_mid} KiB at the middle, {rss_end} KiB at the end"
         )?;
         writeln!(
             f,
@@ -80,6 +81,7 @@ pub async fn soak(h: &Arc<Harness>, soak: &Soak) -> Report {
         .collect();
     cycle(h, &workers[0], 0).await;
     let fd_warm = open_fds();
+    let rss_warm = rss_kib();
 
     let next = Arc::new(AtomicUsize::new(1));
     let done = Arc::new(AtomicUsize::new(1));
@@ -125,7 +127,7 @@ pub async fn soak(h: &Arc<Harness>, soak: &Soak) -> Report {
     Report {
         cycles,
         elapsed,
-        rss_kib: [rss_start, rss_mid, rss_end],
+        rss_kib: [rss_start, rss_warm, rss_mid, rss_end],
         fds: [fd_start.len(), fd_warm.len(), fd_end.len()],
         leaks,
     }
@@ -141,6 +143,7 @@ async fn cycle(h: &Harness, c: &silo::Container, i: usize) {
         let (status, body) = get(c, PORT, "/").await;
         assert_eq!(status, 200, "cycle {i}: {body}");
         c.destroy(None).await.expect("destroy");
+        h.check_destroyed(c);
     };
     tokio::time::timeout(CYCLE_TIMEOUT, run)
         .await
