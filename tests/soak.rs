@@ -3,21 +3,44 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::soak::{Soak, soak};
+use common::soak::{Soak, open_fds, soak};
+use common::{exit_code, run};
+
+/// Both tests count this process's descriptors, so they take turns.
+static FDS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_fetch_destroy_cycles_leak_nothing() {
+    let _turn = FDS.lock().await;
     let config = Soak {
         cycles: 40,
         parallel: 4,
         time_limit: Duration::from_secs(120),
     };
-    common::run("soak", |h| async move {
+    run("soak", |h| async move {
         let report = soak(&h, &config).await;
         assert_eq!(report.cycles, config.cycles, "{report}");
         assert!(report.leaks.is_empty(), "{report}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_run_that_ends_by_itself_closes_its_descriptors() {
+    let _turn = FDS.lock().await;
+    run("selfexit", |h| async move {
+        let before = open_fds();
+        let c = h.start("true", &["/bin/true"]).await;
+        assert_eq!(exit_code(&c).await, 0);
+        // With no destroy, the monitor task lets the last of them go just after it
+        // publishes the exit.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while open_fds() != before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(open_fds(), before);
     })
     .await;
 }

@@ -255,7 +255,7 @@ fn children() -> Vec<(u32, char)> {
 
 /// This process's open descriptors, with what each one is. The one read_dir holds while
 /// it lists them is among them, the same one each time.
-fn open_fds() -> BTreeMap<String, String> {
+pub fn open_fds() -> BTreeMap<String, String> {
     std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .flatten()
