@@ -77,13 +77,22 @@ impl Bundle {
             path: config_path.clone(),
             source,
         })?;
+        Bundle::from_json(&text, dir)
+    }
+
+    /// Checks `text` as the `config.json` of the bundle directory `dir` (taken as given,
+    /// not made absolute) without reading it from disk. Only the root filesystem is looked
+    /// up, to make sure it is a directory.
+    pub fn from_json(text: &[u8], dir: impl Into<PathBuf>) -> Result<Bundle> {
+        let dir = dir.into();
+        let config_path = dir.join("config.json");
         // serde_json's own errors say where (line and column) and what (the field).
-        let spec: Spec = serde_json::from_slice(&text).map_err(|source| Error::Json {
+        let spec: Spec = serde_json::from_slice(text).map_err(|source| Error::Json {
             path: config_path.clone(),
             source,
         })?;
         let raw: serde_json::Value =
-            serde_json::from_slice(&text).map_err(|source| Error::Json {
+            serde_json::from_slice(text).map_err(|source| Error::Json {
                 path: config_path.clone(),
                 source,
             })?;
@@ -249,13 +258,13 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
         && p != "private"
         && p != "rprivate"
     {
-        return unsupported("linux.rootfsPropagation", " (only private)");
+        return unsupported(&format!("linux.rootfsPropagation ({p})"), " (only private)");
     }
     if let Some(res) = linux.resources() {
         for (i, rule) in res.devices().iter().flatten().enumerate() {
             if rule.allow() && !standard_device_rule(rule) {
                 return unsupported(
-                    &format!("linux.resources.devices[{i}]"),
+                    &format!("linux.resources.devices[{i}] ({})", device_rule_text(rule)),
                     " beyond the standard devices (null, zero, full, random, urandom, tty, \
                      console, ptmx, pts): a container opens only device nodes silo binds in",
                 );
@@ -276,26 +285,35 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
         if res.unified().is_some() {
             return unsupported("linux.resources.unified", "");
         }
-        if let Some(cpu) = res.cpu()
-            && (cpu.cpus().is_some()
-                || cpu.mems().is_some()
-                || cpu.realtime_runtime().is_some()
-                || cpu.realtime_period().is_some()
-                || cpu.idle().is_some()
-                || cpu.burst().is_some())
-        {
-            return unsupported("linux.resources.cpu", " beyond shares, quota and period");
+        if let Some(cpu) = res.cpu() {
+            let set = [
+                ("cpus", cpu.cpus().is_some()),
+                ("mems", cpu.mems().is_some()),
+                ("realtimeRuntime", cpu.realtime_runtime().is_some()),
+                ("realtimePeriod", cpu.realtime_period().is_some()),
+                ("idle", cpu.idle().is_some()),
+                ("burst", cpu.burst().is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, is_set)| *is_set) {
+                return unsupported(
+                    &format!("linux.resources.cpu.{name}"),
+                    " (only shares, quota and period)",
+                );
+            }
         }
-        if let Some(mem) = res.memory()
-            && (mem.kernel().is_some()
-                || mem.kernel_tcp().is_some()
-                || mem.disable_oom_killer().is_some()
-                || mem.swappiness().is_some())
-        {
-            return unsupported(
-                "linux.resources.memory",
-                " beyond limit, reservation and swap",
-            );
+        if let Some(mem) = res.memory() {
+            let set = [
+                ("kernel", mem.kernel().is_some()),
+                ("kernelTCP", mem.kernel_tcp().is_some()),
+                ("disableOOMKiller", mem.disable_oom_killer().is_some()),
+                ("swappiness", mem.swappiness().is_some()),
+            ];
+            if let Some((name, _)) = set.iter().find(|(_, is_set)| *is_set) {
+                return unsupported(
+                    &format!("linux.resources.memory.{name}"),
+                    " (only limit, reservation and swap)",
+                );
+            }
         }
     }
     Ok(())
@@ -324,6 +342,20 @@ fn unknown_field(raw: &serde_json::Value, known: &serde_json::Value, at: &str) -
             .find_map(|(i, (r, k))| unknown_field(r, k, &format!("{at}[{i}]"))),
         _ => None,
     }
+}
+
+/// A device rule as the kernel's devices.allow writes it: `c 10:200 rwm`.
+fn device_rule_text(rule: &oci_spec::runtime::LinuxDeviceCgroup) -> String {
+    let number = |n: Option<i64>| n.map_or("*".to_string(), |n| n.to_string());
+    let typ = rule
+        .typ()
+        .map_or("a".to_string(), |t| t.as_str().to_string());
+    let access = rule.access().as_deref().unwrap_or("rwm");
+    format!(
+        "{typ} {}:{} {access}",
+        number(rule.major()),
+        number(rule.minor())
+    )
 }
 
 /// Whether a device cgroup rule grants no more than silo gives every container anyway:
@@ -409,6 +441,34 @@ mod tests {
         let (_dir, err) = bundle_with(&cfg);
         let msg = err.unwrap_err().to_string();
         assert!(msg.contains("line") && msg.contains("column"), "{msg}");
+    }
+
+    #[test]
+    fn unsupported_values_are_named() {
+        let with_linux = |linux: &str| MINIMAL.replace(r#""root""#, &format!("{linux},\"root\""));
+        for (linux, want) in [
+            (
+                r#""linux":{"rootfsPropagation":"shared"}"#,
+                "linux.rootfsPropagation (shared)",
+            ),
+            (
+                r#""linux":{"resources":{"cpu":{"shares":2,"cpus":"0-1"}}}"#,
+                "linux.resources.cpu.cpus",
+            ),
+            (
+                r#""linux":{"resources":{"memory":{"swappiness":10}}}"#,
+                "linux.resources.memory.swappiness",
+            ),
+            (
+                r#""linux":{"resources":{"devices":[{"allow":true,"type":"c","major":10,
+                    "minor":200,"access":"rw"}]}}"#,
+                "linux.resources.devices[0] (c 10:200 rw)",
+            ),
+        ] {
+            let (_dir, err) = bundle_with(&with_linux(linux));
+            let msg = err.unwrap_err().to_string();
+            assert!(msg.contains(want), "{msg}");
+        }
     }
 
     #[test]

@@ -74,7 +74,10 @@ impl std::str::FromStr for Instance {
             }
         }
         match (vcpu, memory) {
-            (Some(vcpu), Some(memory_bytes)) if vcpu > 0.0 && memory_bytes > 0 => {
+            // "inf" and "NaN" parse as f64: an infinite share of the CPU is no limit at all.
+            (Some(vcpu), Some(memory_bytes))
+                if vcpu.is_finite() && vcpu > 0.0 && memory_bytes > 0 =>
+            {
                 Ok(Instance { vcpu, memory_bytes })
             }
             _ => Err(bad()),
@@ -817,7 +820,7 @@ impl Container {
     pub async fn destroy(&self, reason: Option<String>) -> Result<()> {
         let span = info_span!("destroy", container = %self.inner.id);
         async {
-            let life = self.inner.life.lock().await;
+            let mut life = self.inner.life.lock().await;
             if let Some(live) = life.as_ref()
                 && !matches!(*self.inner.state.borrow(), State::Exited(_))
             {
@@ -834,6 +837,11 @@ impl Container {
                     warn!(error = %e, "failed to kill init");
                 }
                 self.wait_exited().await;
+            }
+            // The run is over: let its pidfd go now rather than when its monitor task gets
+            // to it, so that the descriptor is closed once destroy returns.
+            if matches!(*self.inner.state.borrow(), State::Exited(_)) {
+                *life = None;
             }
             drop(life);
             let dir = self.state_dir();
@@ -946,10 +954,17 @@ impl Run {
         self.init.exited().await;
         let (status, exited_at) = state::read_exit_record(&state_dir);
         fault::point("exit:teardown");
+        // The init is reaped: its pidfds are of no more use. The Life keeps a copy until it
+        // is cleared below or by destroy; the Weak only tells that copy apart from another
+        // run's.
+        let pidfd = Arc::downgrade(&self.init.pidfd);
+        drop(self.init);
         inner.state.send_replace(State::Stopping);
+        // Read, then closed before the exit is published (the plan holds the descriptors of
+        // joined namespaces): once destroy returns, the run holds no descriptor.
         let boot_error = self
             .boot
-            .as_ref()
+            .take()
             .and_then(|(errors, plan)| Report::read(errors.as_fd()).map(|r| plan.describe(&r)));
         let oom_killed = self.cgroup.oom_killed();
 
@@ -1015,6 +1030,17 @@ impl Run {
             warn!(error = %e, "failed to record the exit");
         }
         inner.state.send_replace(State::Exited(Arc::new(outcome)));
+
+        // Without this, a container that ran once would hold a descriptor for as long as
+        // its handle lives (the runtime keeps every handle). A start since then has put a
+        // Life of its own there, which stays.
+        let mut life = inner.life.lock().await;
+        if life
+            .as_ref()
+            .is_some_and(|l| std::ptr::eq(Arc::as_ptr(&l.pidfd), pidfd.as_ptr()))
+        {
+            *life = None;
+        }
     }
 }
 
@@ -1052,7 +1078,7 @@ fn wait_blocking(pidfd: &OwnedFd, limit: Duration) {
 }
 
 /// The process to run: the bundle's, with the caller's entrypoint and environment over it.
-fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
+pub(crate) fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
     let spec_process = bundle
         .spec()
         .process()
@@ -1096,7 +1122,7 @@ fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
 }
 
 /// The cgroup limits: the bundle's, with the instance type's cpu and memory over them.
-fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
+pub(crate) fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
     const DEFAULT_PIDS: i64 = 4096;
     const PERIOD_US: u64 = 100_000;
     let res = bundle
@@ -1145,5 +1171,8 @@ mod tests {
         assert_eq!(custom.memory_bytes, 512 << 20);
         assert!("huge".parse::<Instance>().is_err());
         assert!("cpu=0,memory=1G".parse::<Instance>().is_err());
+        let e = "cpu=inf,memory=1G".parse::<Instance>().unwrap_err();
+        assert!(e.to_string().contains("\"cpu=inf,memory=1G\""), "{e}");
+        assert!("cpu=NaN,memory=1G".parse::<Instance>().is_err());
     }
 }

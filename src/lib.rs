@@ -13,6 +13,8 @@ pub mod daemon;
 mod error;
 pub mod fault;
 pub mod firewall;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod image;
 mod logs;
 pub mod monitor;

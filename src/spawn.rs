@@ -299,7 +299,10 @@ impl Plan {
                 }
                 if h.len() > 64 {
                     return Err(bundle
-                        .invalid("hostname", "longer than the kernel's 64 bytes")
+                        .invalid(
+                            "hostname",
+                            format!("{h:?} is longer than the kernel's 64 bytes"),
+                        )
                         .into());
                 }
                 Some(cstring("hostname", h)?)
@@ -366,7 +369,8 @@ impl Plan {
             let resource = rl.typ() as libc::c_int;
             let field = format!("process.rlimits[{i}] ({})", rl.typ());
             if rl.soft() > rl.hard() {
-                return Err(bundle.invalid(field, "soft limit above hard limit").into());
+                let reason = format!("soft limit {} above hard limit {}", rl.soft(), rl.hard());
+                return Err(bundle.invalid(field, reason).into());
             }
             let host = nix::sys::resource::getrlimit(rlimit_resource(resource))
                 .map_err(|e| os(format!("read the host's {}", rl.typ()))(e.into()))?;

@@ -144,7 +144,7 @@ impl ApiError {
 /// `PUT /v1/containers/{id}`.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct StartRequest {
+pub(crate) struct StartRequest {
     /// An absolute bundle path, or else
     bundle: Option<PathBuf>,
     /// the name of an image in the daemon's store, unpacked afresh for each run.
@@ -162,22 +162,79 @@ struct StartRequest {
     sleep_after: Option<f64>,
 }
 
+impl StartRequest {
+    /// Checks the request and turns it into what the registry starts.
+    pub(crate) fn into_plan(self) -> Result<StartPlan, ApiError> {
+        let bundle = match (self.bundle, &self.image) {
+            (Some(bundle), None) if !bundle.is_absolute() => {
+                return Err(ApiError::RelativeBundle(bundle));
+            }
+            (Some(bundle), None) => bundle,
+            // The registry unpacks the image and puts its bundle in.
+            (None, Some(_)) => PathBuf::new(),
+            _ => return Err(ApiError::BundleOrImage),
+        };
+        let sleep_after = match self.sleep_after {
+            None => None,
+            Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
+            Some(s) => return Err(ApiError::BadSleepAfter(s)),
+        };
+        let instance = self
+            .instance
+            .as_deref()
+            .map(str::parse::<Instance>)
+            .transpose()?;
+        let wait_for_ports = self
+            .wait_for_ports
+            .map(|ports| {
+                ports
+                    .iter()
+                    .map(|&p| {
+                        u16::try_from(p)
+                            .ok()
+                            .filter(|p| *p != 0)
+                            .ok_or(Error::InvalidPort(p))
+                    })
+                    .collect::<Result<Vec<u16>, Error>>()
+            })
+            .transpose()?;
+        Ok(StartPlan {
+            image: self.image,
+            opts: StartOptions {
+                bundle,
+                env: self.env,
+                entrypoint: self.entrypoint,
+                enable_internet: self.enable_internet,
+                egress: Vec::new(),
+                instance,
+                stdio: Stdio::Log,
+            },
+            wait_for_ports,
+            timeout: self
+                .timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_READY_TIMEOUT),
+            sleep_after,
+        })
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SignalRequest {
+pub(crate) struct SignalRequest {
     signal: i32,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct StopRequest {
+pub(crate) struct StopRequest {
     signal: Option<i32>,
     timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DeleteRequest {
+pub(crate) struct DeleteRequest {
     reason: Option<String>,
 }
 
@@ -200,64 +257,106 @@ pub(crate) async fn handle(daemon: Arc<Daemon>, req: Request<Incoming>) -> Respo
     }
 }
 
+/// What a request asks for, from its method and path alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route<'a> {
+    List,
+    Start(&'a str),
+    Get(&'a str),
+    Delete(&'a str),
+    Signal(&'a str),
+    Stop(&'a str),
+    Monitor(&'a str),
+    Logs(&'a str),
+    /// `port` is checked only once the container is known to exist, so that a request for
+    /// a missing container says so whatever port it names.
+    Port {
+        id: &'a str,
+        port: &'a str,
+        path: Option<&'a str>,
+    },
+}
+
+impl<'a> Route<'a> {
+    /// Routes `method` on `path` (the URI's path, without the query).
+    pub(crate) fn parse(method: &Method, path: &'a str) -> Result<Route<'a>, ApiError> {
+        let not_allowed = |allow| ApiError::MethodNotAllowed {
+            method: method.clone(),
+            path: path.to_string(),
+            allow,
+        };
+        let no_route = || ApiError::NoRoute {
+            method: method.clone(),
+            path: path.to_string(),
+        };
+        let Some(rest) = path.strip_prefix("/v1/containers") else {
+            return Err(no_route());
+        };
+        if rest.is_empty() || rest == "/" {
+            return match *method {
+                Method::GET => Ok(Route::List),
+                _ => Err(not_allowed("GET")),
+            };
+        }
+        let rest = rest.strip_prefix('/').ok_or_else(no_route)?;
+        let (id, tail) = match rest.split_once('/') {
+            Some((id, tail)) => (id, tail),
+            None => (rest, ""),
+        };
+        match tail {
+            "" => match *method {
+                Method::PUT => Ok(Route::Start(id)),
+                Method::GET => Ok(Route::Get(id)),
+                Method::DELETE => Ok(Route::Delete(id)),
+                _ => Err(not_allowed("GET, PUT, DELETE")),
+            },
+            "signal" => match *method {
+                Method::POST => Ok(Route::Signal(id)),
+                _ => Err(not_allowed("POST")),
+            },
+            "stop" => match *method {
+                Method::POST => Ok(Route::Stop(id)),
+                _ => Err(not_allowed("POST")),
+            },
+            "monitor" => match *method {
+                Method::GET => Ok(Route::Monitor(id)),
+                _ => Err(not_allowed("GET")),
+            },
+            "logs" => match *method {
+                Method::GET => Ok(Route::Logs(id)),
+                _ => Err(not_allowed("GET")),
+            },
+            _ => match tail.strip_prefix("ports/") {
+                Some(port_and_path) => {
+                    let (port, path) = match port_and_path.split_once('/') {
+                        Some((port, path)) => (port, Some(path)),
+                        None => (port_and_path, None),
+                    };
+                    Ok(Route::Port { id, port, path })
+                }
+                None => Err(no_route()),
+            },
+        }
+    }
+}
+
 async fn route(daemon: &Daemon, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     if let Some(token) = &daemon.token
         && !authorized(&req, token)
     {
         return Err(ApiError::Unauthorized);
     }
-    let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let not_allowed = |allow| ApiError::MethodNotAllowed {
-        method: method.clone(),
-        path: path.clone(),
-        allow,
-    };
-    let no_route = || ApiError::NoRoute {
-        method: method.clone(),
-        path: path.clone(),
-    };
-    let Some(rest) = path.strip_prefix("/v1/containers") else {
-        return Err(no_route());
-    };
-    if rest.is_empty() || rest == "/" {
-        return match method {
-            Method::GET => list(daemon),
-            _ => Err(not_allowed("GET")),
-        };
-    }
-    let rest = rest.strip_prefix('/').ok_or_else(no_route)?;
-    let (id, tail) = match rest.split_once('/') {
-        Some((id, tail)) => (id, tail),
-        None => (rest, ""),
-    };
-    match tail {
-        "" => match method {
-            Method::PUT => start(daemon, id, req).await,
-            Method::GET => get(daemon, id),
-            Method::DELETE => delete(daemon, id, req).await,
-            _ => Err(not_allowed("GET, PUT, DELETE")),
-        },
-        "signal" => match method {
-            Method::POST => signal(daemon, id, req).await,
-            _ => Err(not_allowed("POST")),
-        },
-        "stop" => match method {
-            Method::POST => stop(daemon, id, req).await,
-            _ => Err(not_allowed("POST")),
-        },
-        "monitor" => match method {
-            Method::GET => monitor(daemon, id).await,
-            _ => Err(not_allowed("GET")),
-        },
-        "logs" => match method {
-            Method::GET => logs(daemon, id, &req),
-            _ => Err(not_allowed("GET")),
-        },
-        _ => match tail.strip_prefix("ports/") {
-            Some(port_and_path) => ports(daemon, id, port_and_path, req).await,
-            None => Err(no_route()),
-        },
+    match Route::parse(req.method(), &path)? {
+        Route::List => list(daemon),
+        Route::Start(id) => start(daemon, id, req).await,
+        Route::Get(id) => get(daemon, id),
+        Route::Delete(id) => delete(daemon, id, req).await,
+        Route::Signal(id) => signal(daemon, id, req).await,
+        Route::Stop(id) => stop(daemon, id, req).await,
+        Route::Monitor(id) => monitor(daemon, id).await,
+        Route::Logs(id) => logs(daemon, id, &req),
+        Route::Port { id, port, path } => ports(daemon, id, port, path, req).await,
     }
 }
 
@@ -285,57 +384,7 @@ async fn start(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let body: StartRequest = read_json(req.into_body(), None).await?;
-    let bundle = match (body.bundle, &body.image) {
-        (Some(bundle), None) if !bundle.is_absolute() => {
-            return Err(ApiError::RelativeBundle(bundle));
-        }
-        (Some(bundle), None) => bundle,
-        // The registry unpacks the image and puts its bundle in.
-        (None, Some(_)) => PathBuf::new(),
-        _ => return Err(ApiError::BundleOrImage),
-    };
-    let sleep_after = match body.sleep_after {
-        None => None,
-        Some(s) if s.is_finite() && s > 0.0 && s < 1e9 => Some(Duration::from_secs_f64(s)),
-        Some(s) => return Err(ApiError::BadSleepAfter(s)),
-    };
-    let instance = body
-        .instance
-        .as_deref()
-        .map(str::parse::<Instance>)
-        .transpose()?;
-    let wait_for_ports = body
-        .wait_for_ports
-        .map(|ports| {
-            ports
-                .iter()
-                .map(|&p| {
-                    u16::try_from(p)
-                        .ok()
-                        .filter(|p| *p != 0)
-                        .ok_or(Error::InvalidPort(p))
-                })
-                .collect::<Result<Vec<u16>, Error>>()
-        })
-        .transpose()?;
-    let plan = StartPlan {
-        image: body.image,
-        opts: StartOptions {
-            bundle,
-            env: body.env,
-            entrypoint: body.entrypoint,
-            enable_internet: body.enable_internet,
-            egress: Vec::new(),
-            instance,
-            stdio: Stdio::Log,
-        },
-        wait_for_ports,
-        timeout: body
-            .timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(DEFAULT_READY_TIMEOUT),
-        sleep_after,
-    };
+    let plan = body.into_plan()?;
     let (entry, _) = daemon.registry.start(id, plan).await?;
     let info = entry
         .info()
@@ -414,14 +463,11 @@ fn logs(daemon: &Daemon, id: &str, req: &Request<Incoming>) -> Result<Response<B
 async fn ports(
     daemon: &Daemon,
     id: &str,
-    port_and_path: &str,
+    port: &str,
+    path: Option<&str>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let entry = daemon.registry.get(id)?;
-    let (port, path) = match port_and_path.split_once('/') {
-        Some((port, path)) => (port, Some(path)),
-        None => (port_and_path, None),
-    };
     let port: u32 = port
         .parse()
         .map_err(|_| ApiError::BadPort(port.to_string()))?;
@@ -482,10 +528,18 @@ where
             }
         })?
         .to_bytes();
+    parse_json(&bytes, default)
+}
+
+/// Parses a JSON body; an empty one (or only whitespace) means `default` if there is one.
+pub(crate) fn parse_json<T>(bytes: &[u8], default: Option<T>) -> Result<T, ApiError>
+where
+    T: DeserializeOwned,
+{
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return default.ok_or_else(|| ApiError::BadBody("a JSON body is required".into()));
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::BadBody(e.to_string()))
+    serde_json::from_slice(bytes).map_err(|e| ApiError::BadBody(e.to_string()))
 }
 
 pub(crate) fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
@@ -535,6 +589,35 @@ mod tests {
         assert!(!authorized(&req("Basic s3cret"), "s3cret"));
         assert!(!authorized(&req("Bearer"), "s3cret"));
         assert!(!authorized(&Request::get("/").body(()).unwrap(), "s3cret"));
+    }
+
+    #[test]
+    fn routes() {
+        let route = |method: Method, path: &'static str| Route::parse(&method, path);
+        assert_eq!(route(Method::GET, "/v1/containers/").unwrap(), Route::List);
+        assert_eq!(
+            route(Method::PUT, "/v1/containers/web").unwrap(),
+            Route::Start("web")
+        );
+        assert_eq!(
+            route(Method::POST, "/v1/containers/web/stop").unwrap(),
+            Route::Stop("web")
+        );
+        assert_eq!(
+            route(Method::GET, "/v1/containers/web/ports/8080/a/b").unwrap(),
+            Route::Port {
+                id: "web",
+                port: "8080",
+                path: Some("a/b")
+            }
+        );
+        let e = route(Method::GET, "/v1/containers/web/stop").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "method GET is not allowed on /v1/containers/web/stop: use POST"
+        );
+        let e = route(Method::GET, "/v2").unwrap_err();
+        assert_eq!(e.to_string(), "no route for GET /v2");
     }
 
     #[test]

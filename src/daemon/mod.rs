@@ -6,10 +6,10 @@
 //! HTTP, WebSocket and raw TCP traffic into containers, and [`logs`] streams their output.
 //! This module reads the configuration, binds the listener and accepts connections.
 
-mod api;
+pub(crate) mod api;
 mod logs;
 mod proxy;
-mod registry;
+pub(crate) mod registry;
 
 use std::future::Future;
 use std::io;

@@ -693,7 +693,7 @@ fn rfc3339(t: SystemTime) -> String {
 
 /// The runtime's rule for ids, checked here too so that looking up an unknown id never
 /// registers it with the runtime.
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     let mut chars = id.chars();
     id.len() <= 64
         && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())

@@ -315,7 +315,10 @@ pub fn silo_serve(dir: &tempfile::TempDir, listen: &str) -> Command {
         .append(true)
         .open(dir.path().join("daemon.log"))
         .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_silo"));
+    // option_env: examples/soak.rs shares these helpers, and is no integration test.
+    #[allow(clippy::option_env_unwrap)]
+    let silo = option_env!("CARGO_BIN_EXE_silo").expect("silo is built for the tests");
+    let mut cmd = Command::new(silo);
     cmd.arg("--state-dir")
         .arg(dir.path().join("state"))
         .args(["serve", "--listen", listen])

@@ -6,8 +6,9 @@
 
 pub mod daemon;
 pub mod oci;
+pub mod soak;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once};
@@ -43,6 +44,8 @@ pub struct Harness {
     made: Mutex<Vec<Container>>,
     /// What each container held while it ran, to check it is gone afterwards.
     seen: Mutex<Vec<Seen>>,
+    /// The veths of runs already checked by `check_destroyed`.
+    checked_host_ifs: Mutex<BTreeSet<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +71,7 @@ impl Harness {
             prefix: format!("{name}-{}", std::process::id()),
             made: Mutex::new(Vec::new()),
             seen: Mutex::new(Vec::new()),
+            checked_host_ifs: Mutex::new(BTreeSet::new()),
         }
     }
 
@@ -97,6 +101,37 @@ impl Harness {
         c.start(self.opts(args)).await.expect("start");
         self.record(&c).await;
         c
+    }
+
+    /// What this harness's container ids start with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The host ends of the veth pairs of every container recorded so far.
+    pub fn host_ifs(&self) -> BTreeSet<String> {
+        let mut ifs = self.checked_host_ifs.lock().unwrap().clone();
+        let seen = self.seen.lock().unwrap();
+        ifs.extend(seen.iter().filter_map(|s| s.host_if.clone()));
+        ifs
+    }
+
+    /// Checks now, rather than at the end of the test, that the runs recorded for the
+    /// destroyed `c` left nothing behind, and drops their records: a long test's would
+    /// otherwise pile up (and show in its memory use).
+    pub fn check_destroyed(&self, c: &Container) {
+        let done: Vec<Seen> = {
+            let mut seen = self.seen.lock().unwrap();
+            let (done, rest) = seen.drain(..).partition(|s| s.id == c.id());
+            *seen = rest;
+            done
+        };
+        let mut ifs = self.checked_host_ifs.lock().unwrap();
+        ifs.extend(done.iter().filter_map(|s| s.host_if.clone()));
+        drop(ifs);
+        for s in &done {
+            assert_no_leak(s);
+        }
     }
 
     /// Notes the pid and veth of a running container, for the leak check.
