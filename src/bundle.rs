@@ -62,7 +62,16 @@ impl Bundle {
     /// Reads `DIR/config.json`, checks every field against what silo supports and resolves
     /// the root filesystem (relative to the bundle directory, as the OCI spec says).
     pub fn load(dir: impl AsRef<Path>) -> Result<Bundle> {
-        let dir = dir.as_ref();
+        Bundle::load_checked(dir.as_ref(), false)
+    }
+
+    /// Like [`Bundle::load`], but accepts `hooks`, for a caller that runs them itself (runc's
+    /// command line).
+    pub fn load_with_hooks(dir: impl AsRef<Path>) -> Result<Bundle> {
+        Bundle::load_checked(dir.as_ref(), true)
+    }
+
+    fn load_checked(dir: &Path, hooks: bool) -> Result<Bundle> {
         if !dir.is_dir() {
             return Err(Error::NotADirectory(dir.to_path_buf()));
         }
@@ -96,7 +105,7 @@ impl Bundle {
                 field,
             });
         }
-        check(&spec, &config_path)?;
+        check(&spec, &config_path, hooks)?;
 
         let root = spec.root().as_ref().ok_or(Error::Missing {
             path: config_path.clone(),
@@ -114,6 +123,17 @@ impl Bundle {
             config_path,
             rootfs,
             spec,
+        })
+    }
+
+    /// This bundle with `process` in place of its own (for runc's `exec`), checked again.
+    pub fn with_process(&self, process: oci_spec::runtime::Process) -> Result<Bundle> {
+        let mut spec = self.spec.clone();
+        spec.set_process(Some(process));
+        check(&spec, &self.config_path, true)?;
+        Ok(Bundle {
+            spec,
+            ..self.clone()
         })
     }
 
@@ -146,8 +166,9 @@ impl Bundle {
     }
 }
 
-/// Refuses every field whose meaning silo does not implement.
-fn check(spec: &Spec, path: &Path) -> Result<()> {
+/// Refuses every field whose meaning silo does not implement; `hooks` only when the caller
+/// runs them.
+fn check(spec: &Spec, path: &Path, hooks: bool) -> Result<()> {
     let unsupported = |field: &str, hint: &'static str| {
         Err(Error::Unsupported {
             path: path.to_path_buf(),
@@ -186,7 +207,7 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
     if spec.domainname().is_some() {
         return unsupported("domainname", "");
     }
-    if spec.hooks().is_some() {
+    if spec.hooks().is_some() && !hooks {
         return unsupported("hooks", "");
     }
     for (i, mount) in spec.mounts().iter().flatten().enumerate() {

@@ -1066,7 +1066,7 @@ fn process(bundle: &Bundle, opts: &StartOptions) -> Result<Process> {
 }
 
 /// The cgroup limits: the bundle's, with the instance type's cpu and memory over them.
-fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
+pub(crate) fn limits(bundle: &Bundle, instance: Option<Instance>) -> Result<Limits> {
     const DEFAULT_PIDS: i64 = 4096;
     const PERIOD_US: u64 = 100_000;
     let res = bundle

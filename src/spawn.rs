@@ -18,13 +18,18 @@
 //! writes never fail for want of a reader while no runtime runs, and a later runtime takes
 //! it over with `pidfd_getfd`. The keeper runs the same raw-syscall discipline as the init.
 //!
+//! For runc's command line, [`spawn_direct`] clones the init without a keeper, as a child
+//! of the calling process, which exits after `create`: the init is then reparented to the
+//! caller's subreaper (a containerd shim, conmon), which reaps it. Such an init does its
+//! whole setup, says so on a ready pipe, and then waits on an exec FIFO until `start`.
+//!
 //! The child blocks on a pipe until [`Child::release`] so that the parent can place it in
 //! its cgroup and wire its network first. Whatever fails in the child is written to an error
 //! pipe as a fixed-size [`Report`] and the child exits with 127; the pipe is close-on-exec,
 //! so a successful exec leaves it empty.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -544,6 +549,7 @@ impl Plan {
                 self.arg0
             ),
             Step::Join => format!("join a namespace given by path: {err}"),
+            Step::ExecFifo => format!("wait for start on the exec FIFO: {err}"),
             step => format!("{step:?}: {err}"),
         }
     }
@@ -1054,11 +1060,12 @@ pub enum Step {
     NullDevice,
     RuntimeExe,
     OomScoreAdj,
+    ExecFifo,
 }
 
 impl From<u32> for Step {
     fn from(n: u32) -> Step {
-        const ALL: [Step; 30] = [
+        const ALL: [Step; 31] = [
             Step::Unknown,
             Step::Wait,
             Step::Join,
@@ -1089,6 +1096,7 @@ impl From<u32> for Step {
             Step::NullDevice,
             Step::RuntimeExe,
             Step::OomScoreAdj,
+            Step::ExecFifo,
         ];
         ALL.get(n as usize).copied().unwrap_or(Step::Unknown)
     }
@@ -1193,6 +1201,9 @@ pub fn spawn(
         err: err_w.as_raw_fd(),
         stdin: null.as_raw_fd(),
         out: out_fd,
+        ready: -1,
+        fifo: -1,
+        preserve: 0,
     };
     let keeper_fds = KeeperFds {
         info: info_w.as_raw_fd(),
@@ -1260,6 +1271,260 @@ pub fn spawn(
     })
 }
 
+/// What a direct init needs besides its plan (see [`spawn_direct`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Direct<'a> {
+    /// The exec FIFO, opened `O_PATH`: the init opens it for writing once its setup is
+    /// done, which blocks until `start` opens it for reading.
+    pub exec_fifo: BorrowedFd<'a>,
+    /// Descriptors 3 and up passed to the container as they are (runc's `--preserve-fds`
+    /// and `LISTEN_FDS`).
+    pub preserve_fds: u32,
+}
+
+/// An init cloned by [`spawn_direct`], waiting for [`Created::release`].
+#[derive(Debug)]
+pub struct Created {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    go: OwnedFd,
+    ready: OwnedFd,
+    errors: OwnedFd,
+}
+
+impl Created {
+    /// Lets the init go on with its setup and waits until it is done and the init waits
+    /// on its exec FIFO. On a failed setup, the child's report (if it wrote one).
+    pub fn release(self) -> std::result::Result<OwnedFd, Option<Report>> {
+        // SAFETY: writes one byte from a live stack variable to a pipe we own.
+        let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(None);
+        }
+        let mut byte = [0u8; 1];
+        let n = loop {
+            match nix::unistd::read(&self.ready, &mut byte) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        if n == Ok(1) {
+            return Ok(self.pidfd);
+        }
+        // The ready pipe ended without a byte: the child failed, and wrote its report
+        // before exiting. Reap it, as its parent.
+        let report = Report::read(self.errors.as_fd());
+        reap_blocking(&self.pidfd);
+        Err(report)
+    }
+}
+
+/// Clones the init as a child of the calling process, with no keeper, inheriting its
+/// stdio: runc's `create`, whose caller reaps the init after we exit. The init waits first
+/// for [`Created::release`] (for the caller to put it in its cgroup on v1), then sets up
+/// the container and waits on `direct.exec_fifo` before its exec.
+///
+/// The caller must be single-threaded or otherwise hold no lock the child could need:
+/// the child allocates nothing, as the module comment says.
+pub fn spawn_direct(
+    plan: &Plan,
+    cgroup_dir: Option<BorrowedFd<'_>>,
+    direct: &Direct<'_>,
+) -> Result<Created> {
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    nix::fcntl::fcntl(
+        &err_r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| os("configure the error pipe")(e.into()))?;
+    let fds = ChildFds {
+        go: go_r.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        stdin: -1,
+        out: -1,
+        ready: ready_w.as_raw_fd(),
+        fifo: direct.exec_fifo.as_raw_fd(),
+        preserve: direct.preserve_fds,
+    };
+    let mut pidfd: libc::c_int = -1;
+    let cgroup = cgroup_dir.map_or(-1, |fd| fd.as_raw_fd());
+    // SAFETY: the child runs only `child`, under the discipline the caller upholds.
+    let ret = unsafe { clone_init(plan, &fds, cgroup, &mut pidfd) };
+    if ret < 0 {
+        return Err(os("clone the container's init process")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // The child's ends close here, so that the init sees the end of `go` if we die, and we
+    // the end of `ready` if it does.
+    drop((go_r, err_w, ready_w));
+    Ok(Created {
+        pid: ret as u32,
+        // SAFETY: clone3 stored a new pidfd that nothing else owns.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        go: go_w,
+        ready: ready_r,
+        errors: err_r,
+    })
+}
+
+/// A process cloned by [`spawn_exec`] into a running container, waiting for
+/// [`Joined::release`].
+#[derive(Debug)]
+pub struct Joined {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    go: OwnedFd,
+    errors: OwnedFd,
+}
+
+impl Joined {
+    /// Lets the process exec, and returns once it has, or with its report once it failed.
+    pub fn release(self) -> std::result::Result<OwnedFd, Option<Report>> {
+        // SAFETY: writes one byte from a live stack variable to a pipe we own.
+        let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(None);
+        }
+        // The error pipe is close-on-exec and blocking: it ends empty at the exec, or
+        // holds the report of the step that failed.
+        match Report::read(self.errors.as_fd()) {
+            None => Ok(self.pidfd),
+            Some(report) => {
+                reap_blocking(&self.pidfd);
+                Err(Some(report))
+            }
+        }
+    }
+}
+
+/// Clones a process into the namespaces `namespaces` (CLONE_NEW* flags) of the running
+/// init behind `init` and into its cgroup, to exec `plan`'s process there with the
+/// caller's stdio: runc's `exec`.
+///
+/// Joining a pid namespace takes effect for children only, so a short-lived *joiner*
+/// clone joins, then clones the process with CLONE_PARENT, which makes it the caller's
+/// child: the caller can wait for it, or exit and leave it to its subreaper.
+pub fn spawn_exec(
+    plan: &Plan,
+    init: BorrowedFd<'_>,
+    namespaces: libc::c_int,
+    cgroup_dir: Option<BorrowedFd<'_>>,
+    preserve_fds: u32,
+) -> Result<Joined> {
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (info_r, info_w) = pipe()?;
+    let fds = ChildFds {
+        go: go_r.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        stdin: -1,
+        out: -1,
+        ready: -1,
+        fifo: -1,
+        preserve: preserve_fds,
+    };
+    let join = JoinFds {
+        init: init.as_raw_fd(),
+        namespaces,
+        cgroup: cgroup_dir.map_or(-1, |fd| fd.as_raw_fd()),
+        info: info_w.as_raw_fd(),
+    };
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: clone_args is a plain C struct; all-zero is its documented default.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = libc::CLONE_PIDFD as u64;
+    args.pidfd = &mut pidfd as *mut libc::c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    // SAFETY: as in `spawn`; the joiner runs only `joiner`, which never returns.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: we are the freshly cloned joiner.
+        unsafe { joiner(plan, &fds, &join) }
+    }
+    if ret < 0 {
+        return Err(os("clone a process to join the container")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: clone3 stored a new pidfd that nothing else owns.
+    let joiner_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop((go_r, err_w, info_w));
+    let pid = read_init_pid(&info_r);
+    reap_blocking(&joiner_pidfd);
+    let pid = pid.map_err(|e| match e {
+        Error::Os { source, .. } => os("join the container's namespaces")(source),
+        other => other,
+    })?;
+    // Our child, waiting for `go`: its pid cannot be reused before we reap it.
+    let pidfd = pidfd_open(pid).map_err(os(format!("open a pidfd for process {pid}")))?;
+    Ok(Joined {
+        pid,
+        pidfd,
+        go: go_w,
+        errors: err_r,
+    })
+}
+
+/// What the joiner of [`spawn_exec`] needs besides the process's descriptors.
+struct JoinFds {
+    init: RawFd,
+    namespaces: libc::c_int,
+    cgroup: RawFd,
+    info: RawFd,
+}
+
+/// The joiner: joins the container's namespaces, clones the process as its parent's
+/// child, reports its pid (or the failing errno, negated) and exits.
+///
+/// # Safety
+/// Must only run in the joiner cloned by [`spawn_exec`], once.
+unsafe fn joiner(plan: &Plan, fds: &ChildFds, j: &JoinFds) -> ! {
+    // SAFETY: raw syscalls on the plan, the descriptors and the stack only.
+    unsafe {
+        close_all_but(plan, fds, &[j.init, j.cgroup, j.info]);
+        let word: i32 = if libc::setns(j.init, j.namespaces) != 0 {
+            -*libc::__errno_location()
+        } else {
+            let mut args: libc::clone_args = std::mem::zeroed();
+            args.flags = libc::CLONE_PARENT as u64;
+            if j.cgroup >= 0 {
+                args.flags |= CLONE_INTO_CGROUP;
+                args.cgroup = j.cgroup as u64;
+            }
+            let ret = libc::syscall(
+                libc::SYS_clone3,
+                &args as *const libc::clone_args,
+                std::mem::size_of::<libc::clone_args>(),
+            );
+            if ret == 0 {
+                libc::close(j.info);
+                libc::close(j.init);
+                let mut byte = 0u8;
+                if libc::read(fds.go, (&mut byte as *mut u8).cast(), 1) != 1 {
+                    libc::_exit(127);
+                }
+                enter(plan, fds)
+            }
+            if ret < 0 {
+                -*libc::__errno_location()
+            } else {
+                ret as i32
+            }
+        };
+        libc::write(j.info, (&word as *const i32).cast(), 4);
+        libc::_exit(0)
+    }
+}
+
 /// What the keeper reports right after cloning the init: its pid, or the clone's errno.
 fn read_init_pid(info: &OwnedFd) -> Result<u32> {
     let mut word = [0u8; 4];
@@ -1315,9 +1580,16 @@ const CLONE_INTO_CGROUP: u64 = 0x200000000;
 struct ChildFds {
     go: RawFd,
     err: RawFd,
+    /// -1 to keep the inherited stdin.
     stdin: RawFd,
     /// -1 to keep the inherited stdout and stderr.
     out: RawFd,
+    /// Where a direct init says its setup is done (-1: not a direct init).
+    ready: RawFd,
+    /// The exec FIFO, opened `O_PATH`, that a direct init waits on (-1: none).
+    fifo: RawFd,
+    /// Descriptors 3 to 3+preserve-1 go to the container as they are.
+    preserve: u32,
 }
 
 /// The keeper's own descriptors (-1: none).
@@ -1730,6 +2002,18 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             fail(fds, Step::RemountRoot, 0);
         }
 
+        enter(plan, fds)
+    }
+}
+
+/// The end of the init's setup, and all of an exec'd process's: from its own session and
+/// limits to the exec, in the container's namespaces and root.
+///
+/// # Safety
+/// Only for the cloned init or exec'd process, once.
+unsafe fn enter(plan: &Plan, fds: &ChildFds) -> ! {
+    // SAFETY: everything below is a raw syscall on memory the plan owns or on the stack.
+    unsafe {
         // Its own session, so no terminal of the host's is its controlling terminal.
         if libc::setsid() < 0 {
             fail(fds, Step::Setsid, 0);
@@ -1738,6 +2022,24 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             if libc::setrlimit(*resource as libc::__rlimit_resource_t, limit) != 0 {
                 fail(fds, Step::Rlimit, i);
             }
+        }
+
+        if fds.fifo >= 0 {
+            // The setup is done: `create` may return. Then wait for `start`, which opens
+            // the FIFO for reading and reads the byte written here, as runc's init does.
+            // Through /proc/self/fd because the FIFO's path is outside our root now, and
+            // before the change of user, after which /proc/self/fd is no longer ours.
+            libc::write(fds.ready, [1u8].as_ptr().cast(), 1);
+            libc::close(fds.ready);
+            let fifo = libc::open(
+                FdPath::new(fds.fifo).as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fifo < 0 || libc::write(fifo, [0u8].as_ptr().cast(), 1) != 1 {
+                fail(fds, Step::ExecFifo, 0);
+            }
+            libc::close(fifo);
+            libc::close(fds.fifo);
         }
 
         // Drop bounding capabilities while we still hold CAP_SETPCAP.
@@ -1791,18 +2093,22 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             }
         }
 
-        if libc::dup2(fds.stdin, 0) < 0 {
+        if fds.stdin >= 0 && libc::dup2(fds.stdin, 0) < 0 {
             fail(fds, Step::Stdio, 0);
         }
         if fds.out >= 0 && (libc::dup2(fds.out, 1) < 0 || libc::dup2(fds.out, 2) < 0) {
             fail(fds, Step::Stdio, 1);
         }
-        // Every descriptor of the runtime beyond stdio closes at exec, whatever its flags.
+        // Every descriptor of the runtime beyond stdio and those passed on closes at exec,
+        // whatever its flags; those passed on stay open, whatever theirs.
         libc::close_range(
-            3,
+            3 + fds.preserve,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
         );
+        for fd in 3..3 + fds.preserve as RawFd {
+            libc::fcntl(fd, libc::F_SETFD, 0);
+        }
 
         // As late as possible, so the profile need not allow what the runtime does.
         if plan.no_new_privs {
@@ -1883,10 +2189,10 @@ unsafe fn runs_runtime(path: *const libc::c_char, exe: (u64, u64), depth: u32) -
 /// Only for the cloned child or keeper.
 unsafe fn close_all_but(plan: &Plan, fds: &ChildFds, extra: &[RawFd]) {
     // Allocation-free: the few descriptors to keep, sorted in a fixed array.
-    let mut keep = [0 as RawFd; 16];
+    let mut keep = [0 as RawFd; 24];
     let mut n = 0;
     let joined = plan.joins.iter().map(|(fd, _)| fd.as_raw_fd());
-    for fd in [fds.go, fds.err, fds.stdin, fds.out]
+    for fd in [fds.go, fds.err, fds.stdin, fds.out, fds.ready, fds.fifo]
         .into_iter()
         .chain(joined)
         .chain(extra.iter().copied())
@@ -1898,7 +2204,7 @@ unsafe fn close_all_but(plan: &Plan, fds: &ChildFds, extra: &[RawFd]) {
     }
     let keep = &mut keep[..n];
     keep.sort_unstable();
-    let mut first: libc::c_uint = 3;
+    let mut first: libc::c_uint = 3 + fds.preserve;
     for &fd in keep.iter() {
         let fd = fd as libc::c_uint;
         if fd > first {
@@ -1932,22 +2238,7 @@ unsafe fn keeper(plan: &Plan, fds: &ChildFds, k: &KeeperFds) -> ! {
         libc::prctl(libc::PR_SET_NAME, c"silo-keeper".as_ptr(), 0, 0, 0);
 
         let mut pidfd: libc::c_int = -1;
-        let mut args: libc::clone_args = std::mem::zeroed();
-        args.flags = plan.clone_flags | libc::CLONE_PIDFD as u64;
-        args.pidfd = &mut pidfd as *mut libc::c_int as u64;
-        args.exit_signal = libc::SIGCHLD as u64;
-        if k.cgroup >= 0 {
-            args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = k.cgroup as u64;
-        }
-        let ret = libc::syscall(
-            libc::SYS_clone3,
-            &args as *const libc::clone_args,
-            std::mem::size_of::<libc::clone_args>(),
-        );
-        if ret == 0 {
-            child(plan, fds)
-        }
+        let ret = clone_init(plan, fds, k.cgroup, &mut pidfd);
         let word: i32 = if ret < 0 {
             -*libc::__errno_location()
         } else {
@@ -1993,6 +2284,44 @@ unsafe fn keeper(plan: &Plan, fds: &ChildFds, k: &KeeperFds) -> ! {
         );
         libc::_exit(0)
     }
+}
+
+/// Clones the init into its new namespaces (and into the cgroup `cgroup` unless it is -1),
+/// storing its pidfd in `pidfd`. Returns the init's pid, or -1 with errno set. The init
+/// runs [`child`] and never returns here.
+///
+/// # Safety
+/// The caller must be a process whose other threads' locks the init will never need: the
+/// keeper, or a runtime that allocates nothing between this and its own use of `plan`.
+unsafe fn clone_init(
+    plan: &Plan,
+    fds: &ChildFds,
+    cgroup: RawFd,
+    pidfd: &mut libc::c_int,
+) -> libc::c_long {
+    // SAFETY: clone_args is a plain C struct; all-zero is its documented default.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = plan.clone_flags | libc::CLONE_PIDFD as u64;
+    args.pidfd = pidfd as *mut libc::c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if cgroup >= 0 {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cgroup as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM gives the child a copy of our memory, like fork; the
+    // child runs only `child`, which never returns.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: we are the freshly cloned init.
+        unsafe { child(plan, fds) }
+    }
+    ret
 }
 
 /// Sets `nodev` on the mount `fd` refers to and on every mount below it.
@@ -2133,7 +2462,7 @@ mod tests {
 
     #[test]
     fn steps_round_trip() {
-        for n in 0..30u32 {
+        for n in 0..31u32 {
             assert_eq!(Step::from(n) as u32, n);
         }
     }
