@@ -195,6 +195,11 @@ fn create_start_kill_delete() {
     assert_eq!(r.status(&id), "running");
     let pids: Vec<u32> = serde_json::from_str(&r.ok(&["ps", "--format", "json", &id])).unwrap();
     assert_eq!(pids, vec![pid]);
+    let table = r.ok(&["ps", &id]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].contains("PID"), "{table}");
+    assert_eq!(lines.len(), 2, "{table}");
+    assert!(lines[1].contains(&pid.to_string()), "{table}");
 
     r.ok(&["kill", &id, "KILL"]);
     r.wait_status(&id, "stopped");
@@ -362,6 +367,16 @@ fn hooks_run_at_their_points_with_the_state() {
         serde_json::from_slice(&std::fs::read(seen.join("poststop")).unwrap()).unwrap();
     assert_eq!(poststop["status"], "stopped");
 
+    // A failing hook fails the create, in its own words.
+    let broken = serde_json::json!({"createRuntime": [
+        {"path": "/bin/sh", "args": ["sh", "-c", "echo broken >&2; exit 2"]}]});
+    r.config(&["/bin/true"], |cfg| cfg["hooks"] = broken);
+    let bundle = r.bundle();
+    let err = r.fails(&["create", "--bundle", bundle.to_str().unwrap(), &id]);
+    assert!(err.contains("createRuntime hook /bin/sh failed"), "{err}");
+    assert!(err.contains("broken"), "{err}");
+    assert!(!r.root().join(&id).exists());
+
     // A hook past its timeout fails the create, which leaves nothing behind.
     let slow = serde_json::json!({"createRuntime": [
         {"path": "/bin/sleep", "args": ["sleep", "10"], "timeout": 1}]});
@@ -422,4 +437,47 @@ fn spec_features_and_version() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("silo version "), "{text}");
+}
+
+#[test]
+fn run_passes_sigterm_on_to_the_container() {
+    let mut r = Runc::new();
+    r.set_process(&[
+        "/bin/sh",
+        "-c",
+        "trap 'exit 9' TERM; while :; do sleep 0.1; done",
+    ]);
+    let id = r.id("sigterm");
+    let bundle = r.bundle();
+    let mut run = r
+        .cmd()
+        .args(["run", "--bundle", bundle.to_str().unwrap(), &id])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r.silo(&["state", &id]).stdout.is_empty() || r.status(&id) != "running" {
+        assert!(Instant::now() < deadline, "the container never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The trap is set once the shell runs its loop.
+    std::thread::sleep(Duration::from_millis(200));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let code = loop {
+        if let Some(status) = run.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline + Duration::from_secs(10) {
+            let _ = run.kill();
+            let _ = run.wait();
+            panic!("silo run did not end after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(9));
+    assert!(!r.root().join(&id).exists(), "run deletes the container");
 }

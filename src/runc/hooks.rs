@@ -117,6 +117,14 @@ fn run_one(
     let mut child = cmd
         .spawn()
         .map_err(|e| fail(format!("cannot run it: {e}")))?;
+    // Read as it comes, so that a hook that says much never blocks on a full pipe.
+    let stderr = child.stderr.take().map(|mut err| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut text);
+            text
+        })
+    });
     if let Some(mut stdin) = child.stdin.take() {
         // A hook that does not read its state is no failure.
         let _ = stdin.write_all(state);
@@ -141,11 +149,12 @@ fn run_one(
     if status.success() {
         return Ok(());
     }
-    let mut stderr = String::new();
-    if let Some(mut err) = child.stderr.take() {
-        use std::io::Read;
-        let _ = err.read_to_string(&mut stderr);
-    }
+    // A process the hook left behind may still hold the pipe: then its end is not awaited.
+    std::thread::sleep(Duration::from_millis(10));
+    let stderr = stderr
+        .filter(|reader| reader.is_finished())
+        .and_then(|reader| reader.join().ok())
+        .unwrap_or_default();
     let stderr = stderr.trim();
     let said = if stderr.is_empty() {
         String::new()

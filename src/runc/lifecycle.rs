@@ -103,6 +103,7 @@ fn create_pidfd(g: &Global, args: &CreateArgs) -> Result<OwnedFd> {
         }
         Err(e) => return Err(dir.io("create its state directory", e)),
     }
+    let _lock = dir.lock()?;
     let mut made = Made {
         dir: dir.path.clone(),
         cgroup: None,
@@ -246,6 +247,7 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
 
 pub fn start(g: &Global, id: &str) -> Result<()> {
     let dir = Dir::new(&g.root, id)?;
+    let _lock = dir.lock()?;
     let saved = dir.load()?;
     match saved.status(&dir) {
         Status::Created => {}
@@ -379,6 +381,8 @@ pub fn kill(g: &Global, id: &str, signal: &str, all: bool) -> Result<()> {
 
 pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
     let dir = Dir::new(&g.root, id)?;
+    // Waits for a create under way, which a forced delete would otherwise cut short.
+    let _lock = dir.lock()?;
     let saved = match dir.load() {
         Ok(saved) => saved,
         // As runc: a forced delete of what is not there (or half made) succeeds.
@@ -424,6 +428,7 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
 
 pub fn pause(g: &Global, id: &str, frozen: bool) -> Result<()> {
     let dir = Dir::new(&g.root, id)?;
+    let _lock = dir.lock()?;
     let saved = dir.load()?;
     let status = saved.status(&dir);
     let (wanted, what) = if frozen {

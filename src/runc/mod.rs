@@ -38,6 +38,8 @@ pub enum Error {
     Spawn(#[from] crate::spawn::Error),
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::Error),
+    #[error(transparent)]
+    Silo(#[from] Box<crate::Error>),
     #[error("invalid container id {0:?}: use 1 to 64 of A-Z a-z 0-9 _ . - (not first)")]
     InvalidId(String),
     #[error("container \"{0}\" does not exist")]

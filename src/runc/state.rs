@@ -93,6 +93,20 @@ impl Dir {
         })
     }
 
+    /// Takes the container for a command that changes it, waiting for one that has it:
+    /// `create`, `start`, `delete`, `pause` and `resume` take turns. The kernel lets go
+    /// when the command exits. `None` when the container has no directory.
+    pub fn lock(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>> {
+        let dir = match std::fs::File::open(&self.path) {
+            Ok(dir) => dir,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io("open its state directory", e)),
+        };
+        nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+            .map(Some)
+            .map_err(|(_, e)| self.io("lock its state directory", e.into()))
+    }
+
     pub fn fifo(&self) -> PathBuf {
         self.path.join(FIFO)
     }
