@@ -65,13 +65,13 @@ impl Bundle {
         Bundle::load_checked(dir.as_ref(), false)
     }
 
-    /// Like [`Bundle::load`], but accepts `hooks`, for a caller that runs them itself (runc's
-    /// command line).
-    pub fn load_with_hooks(dir: impl AsRef<Path>) -> Result<Bundle> {
+    /// Like [`Bundle::load`], but accepts `hooks` and `process.terminal`, for a caller that
+    /// runs the hooks itself and hands the terminal over (runc's command line).
+    pub fn load_for_runc(dir: impl AsRef<Path>) -> Result<Bundle> {
         Bundle::load_checked(dir.as_ref(), true)
     }
 
-    fn load_checked(dir: &Path, hooks: bool) -> Result<Bundle> {
+    fn load_checked(dir: &Path, runc: bool) -> Result<Bundle> {
         if !dir.is_dir() {
             return Err(Error::NotADirectory(dir.to_path_buf()));
         }
@@ -105,7 +105,7 @@ impl Bundle {
                 field,
             });
         }
-        check(&spec, &config_path, hooks)?;
+        check(&spec, &config_path, runc)?;
 
         let root = spec.root().as_ref().ok_or(Error::Missing {
             path: config_path.clone(),
@@ -166,9 +166,9 @@ impl Bundle {
     }
 }
 
-/// Refuses every field whose meaning silo does not implement; `hooks` only when the caller
-/// runs them.
-fn check(spec: &Spec, path: &Path, hooks: bool) -> Result<()> {
+/// Refuses every field whose meaning silo does not implement; `hooks` and a terminal only
+/// when the caller (runc mode) handles them.
+fn check(spec: &Spec, path: &Path, runc: bool) -> Result<()> {
     let unsupported = |field: &str, hint: &'static str| {
         Err(Error::Unsupported {
             path: path.to_path_buf(),
@@ -186,7 +186,7 @@ fn check(spec: &Spec, path: &Path, hooks: bool) -> Result<()> {
             field: "process.args",
         });
     }
-    if process.terminal() == Some(true) {
+    if process.terminal() == Some(true) && !runc {
         return unsupported("process.terminal", " (run without a terminal)");
     }
     if process.apparmor_profile().is_some() {
@@ -207,7 +207,7 @@ fn check(spec: &Spec, path: &Path, hooks: bool) -> Result<()> {
     if spec.domainname().is_some() {
         return unsupported("domainname", "");
     }
-    if spec.hooks().is_some() && !hooks {
+    if spec.hooks().is_some() && !runc {
         return unsupported("hooks", "");
     }
     for (i, mount) in spec.mounts().iter().flatten().enumerate() {

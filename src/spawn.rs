@@ -550,6 +550,7 @@ impl Plan {
             ),
             Step::Join => format!("join a namespace given by path: {err}"),
             Step::ExecFifo => format!("wait for start on the exec FIFO: {err}"),
+            Step::Terminal => format!("set up the terminal for the console socket: {err}"),
             step => format!("{step:?}: {err}"),
         }
     }
@@ -1061,11 +1062,12 @@ pub enum Step {
     RuntimeExe,
     OomScoreAdj,
     ExecFifo,
+    Terminal,
 }
 
 impl From<u32> for Step {
     fn from(n: u32) -> Step {
-        const ALL: [Step; 31] = [
+        const ALL: [Step; 32] = [
             Step::Unknown,
             Step::Wait,
             Step::Join,
@@ -1097,6 +1099,7 @@ impl From<u32> for Step {
             Step::RuntimeExe,
             Step::OomScoreAdj,
             Step::ExecFifo,
+            Step::Terminal,
         ];
         ALL.get(n as usize).copied().unwrap_or(Step::Unknown)
     }
@@ -1204,6 +1207,7 @@ pub fn spawn(
         ready: -1,
         fifo: -1,
         preserve: 0,
+        console: -1,
     };
     let keeper_fds = KeeperFds {
         info: info_w.as_raw_fd(),
@@ -1280,6 +1284,10 @@ pub struct Direct<'a> {
     /// Descriptors 3 and up passed to the container as they are (runc's `--preserve-fds`
     /// and `LISTEN_FDS`).
     pub preserve_fds: u32,
+    /// A connected socket (runc's `--console-socket`): the init makes a terminal in the
+    /// container's /dev/pts, sends its master there, and takes the other end as its stdio
+    /// and controlling terminal.
+    pub console: Option<BorrowedFd<'a>>,
 }
 
 /// An init cloned by [`spawn_direct`], waiting for [`Created::release`].
@@ -1347,6 +1355,7 @@ pub fn spawn_direct(
         ready: ready_w.as_raw_fd(),
         fifo: direct.exec_fifo.as_raw_fd(),
         preserve: direct.preserve_fds,
+        console: direct.console.map_or(-1, |fd| fd.as_raw_fd()),
     };
     let mut pidfd: libc::c_int = -1;
     let cgroup = cgroup_dir.map_or(-1, |fd| fd.as_raw_fd());
@@ -1402,7 +1411,7 @@ impl Joined {
 
 /// Clones a process into the namespaces `namespaces` (CLONE_NEW* flags) of the running
 /// init behind `init` and into its cgroup, to exec `plan`'s process there with the
-/// caller's stdio: runc's `exec`.
+/// caller's stdio, or on a new terminal whose master goes to `console`: runc's `exec`.
 ///
 /// Joining a pid namespace takes effect for children only, so a short-lived *joiner*
 /// clone joins, then clones the process with CLONE_PARENT, which makes it the caller's
@@ -1413,6 +1422,7 @@ pub fn spawn_exec(
     namespaces: libc::c_int,
     cgroup_dir: Option<BorrowedFd<'_>>,
     preserve_fds: u32,
+    console: Option<BorrowedFd<'_>>,
 ) -> Result<Joined> {
     let (go_r, go_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -1425,6 +1435,7 @@ pub fn spawn_exec(
         ready: -1,
         fifo: -1,
         preserve: preserve_fds,
+        console: console.map_or(-1, |fd| fd.as_raw_fd()),
     };
     let join = JoinFds {
         init: init.as_raw_fd(),
@@ -1590,6 +1601,9 @@ struct ChildFds {
     fifo: RawFd,
     /// Descriptors 3 to 3+preserve-1 go to the container as they are.
     preserve: u32,
+    /// A socket to send the master of a new terminal to, which becomes the process's
+    /// stdio and controlling terminal (-1: none).
+    console: RawFd,
 }
 
 /// The keeper's own descriptors (-1: none).
@@ -2018,6 +2032,9 @@ unsafe fn enter(plan: &Plan, fds: &ChildFds) -> ! {
         if libc::setsid() < 0 {
             fail(fds, Step::Setsid, 0);
         }
+        if fds.console >= 0 {
+            open_terminal(fds);
+        }
         for (i, (resource, limit)) in plan.rlimits.iter().enumerate() {
             if libc::setrlimit(*resource as libc::__rlimit_resource_t, limit) != 0 {
                 fail(fds, Step::Rlimit, i);
@@ -2192,10 +2209,18 @@ unsafe fn close_all_but(plan: &Plan, fds: &ChildFds, extra: &[RawFd]) {
     let mut keep = [0 as RawFd; 24];
     let mut n = 0;
     let joined = plan.joins.iter().map(|(fd, _)| fd.as_raw_fd());
-    for fd in [fds.go, fds.err, fds.stdin, fds.out, fds.ready, fds.fifo]
-        .into_iter()
-        .chain(joined)
-        .chain(extra.iter().copied())
+    for fd in [
+        fds.go,
+        fds.err,
+        fds.stdin,
+        fds.out,
+        fds.ready,
+        fds.fifo,
+        fds.console,
+    ]
+    .into_iter()
+    .chain(joined)
+    .chain(extra.iter().copied())
     {
         if fd > 2 && n < keep.len() {
             keep[n] = fd;
@@ -2322,6 +2347,65 @@ unsafe fn clone_init(
         unsafe { child(plan, fds) }
     }
     ret
+}
+
+/// Makes a terminal in the container's /dev/pts, sends its master over the console socket
+/// (with a name, as runc does: receivers expect a payload) and makes the other end the
+/// process's stdio and controlling terminal.
+///
+/// # Safety
+/// Only for the cloned init or exec'd process, in its own new session.
+unsafe fn open_terminal(fds: &ChildFds) {
+    // SAFETY: raw syscalls on our descriptors and on buffers on the stack.
+    unsafe {
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        let master = libc::open(c"/dev/ptmx".as_ptr(), flags);
+        let unlock: libc::c_int = 0;
+        if master < 0 || libc::ioctl(master, libc::TIOCSPTLCK, &unlock) != 0 {
+            fail(fds, Step::Terminal, 0);
+        }
+        let peer = libc::ioctl(master, libc::TIOCGPTPEER, flags);
+        if peer < 0 {
+            fail(fds, Step::Terminal, 1);
+        }
+        let name = b"/dev/ptmx";
+        let mut iov = libc::iovec {
+            iov_base: name.as_ptr() as *mut libc::c_void,
+            iov_len: name.len(),
+        };
+        // Room for one descriptor's control message, aligned as cmsghdr needs.
+        let mut control = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::copy_nonoverlapping(
+            (&master as *const libc::c_int).cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            4,
+        );
+        if libc::sendmsg(fds.console, &msg, 0) < 0 {
+            fail(fds, Step::Terminal, 2);
+        }
+        libc::close(master);
+        libc::close(fds.console);
+        if libc::ioctl(peer, libc::TIOCSCTTY, 0) != 0 {
+            fail(fds, Step::Terminal, 3);
+        }
+        for target in 0..3 {
+            if libc::dup2(peer, target) < 0 {
+                fail(fds, Step::Terminal, 4);
+            }
+        }
+        if peer > 2 {
+            libc::close(peer);
+        }
+    }
 }
 
 /// Sets `nodev` on the mount `fd` refers to and on every mount below it.
@@ -2462,7 +2546,7 @@ mod tests {
 
     #[test]
     fn steps_round_trip() {
-        for n in 0..31u32 {
+        for n in 0..32u32 {
             assert_eq!(Step::from(n) as u32, n);
         }
     }

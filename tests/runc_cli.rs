@@ -481,3 +481,96 @@ fn run_passes_sigterm_on_to_the_container() {
     assert_eq!(code, Some(9));
     assert!(!r.root().join(&id).exists(), "run deletes the container");
 }
+
+/// Receives one descriptor sent with SCM_RIGHTS on `stream`.
+fn receive_fd(stream: &std::os::unix::net::UnixStream) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut buf = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        stream.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    for cmsg in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the kernel just gave us this descriptor.
+            return unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("no descriptor came over the console socket");
+}
+
+/// Reads a terminal's master until the other end closes (EIO), or for 10 s at most.
+fn read_terminal(master: std::os::fd::OwnedFd) -> String {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let mut fds = [PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(100u16));
+        let mut buf = [0u8; 256];
+        match nix::unistd::read(&master, &mut buf) {
+            Ok(0) | Err(nix::errno::Errno::EIO) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn a_terminal_goes_to_the_console_socket() {
+    let mut r = Runc::new();
+    r.config(&["/bin/sh", "-c", "tty; sleep 30"], |cfg| {
+        cfg["process"]["terminal"] = true.into()
+    });
+    let id = r.id("tty");
+    let bundle = r.bundle();
+    let bundle = bundle.to_str().unwrap();
+    let err = r.fails(&["create", "--bundle", bundle, &id]);
+    assert!(err.contains("--console-socket"), "{err}");
+    assert!(!r.root().join(&id).exists());
+
+    let socket = r.dir.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let accept = std::thread::spawn(move || receive_fd(&listener.accept().unwrap().0));
+    let socket = socket.to_str().unwrap();
+    r.ok(&[
+        "create",
+        "--bundle",
+        bundle,
+        "--console-socket",
+        socket,
+        &id,
+    ]);
+    let master = accept.join().unwrap();
+    r.ok(&["start", &id]);
+    // The shell's `tty`, then an exec'd one on a terminal of its own.
+    let listener = std::os::unix::net::UnixListener::bind(r.dir.path().join("exec.sock"));
+    let listener = listener.unwrap();
+    let accept = std::thread::spawn(move || receive_fd(&listener.accept().unwrap().0));
+    let exec_socket = r.dir.path().join("exec.sock");
+    let out = r.silo(&[
+        "exec",
+        "--tty",
+        "--console-socket",
+        exec_socket.to_str().unwrap(),
+        &id,
+        "/bin/sh",
+        "-c",
+        "tty; exit 6",
+    ]);
+    assert_eq!(out.status.code(), Some(6));
+    let exec_out = read_terminal(accept.join().unwrap());
+    assert!(exec_out.contains("/dev/pts/1"), "{exec_out:?}");
+    r.ok(&["kill", &id, "KILL"]);
+    let init_out = read_terminal(master);
+    assert!(init_out.contains("/dev/pts/0"), "{init_out:?}");
+    r.wait_status(&id, "stopped");
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use oci_spec::runtime::Process as SpecProcess;
 
-use super::lifecycle::{ALL_NAMESPACES, reap};
+use super::lifecycle::{ALL_NAMESPACES, console_socket, reap};
 use super::state::{Dir, Status, write_atomic};
 use super::{Error, Global, Result};
 use crate::bundle::Bundle;
@@ -25,7 +25,7 @@ pub struct ExecArgs {
     /// Where to write the process's pid.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
-    /// Not supported: silo runs processes without a terminal.
+    /// Give the process a terminal, whose master goes to --console-socket.
     #[arg(long, short)]
     pub tty: bool,
     #[arg(long)]
@@ -59,12 +59,7 @@ pub fn exec(g: &Global, args: &ExecArgs) -> Result<u8> {
             status,
         });
     }
-    if args.tty {
-        return Err(Error::Usage(
-            "exec --tty is not supported: silo runs processes without a terminal".into(),
-        ));
-    }
-    let bundle = Bundle::load_with_hooks(&saved.bundle)?;
+    let bundle = Bundle::load_for_runc(&saved.bundle)?;
     let process = match &args.process {
         Some(path) => {
             let text = std::fs::read(path)
@@ -98,12 +93,17 @@ pub fn exec(g: &Global, args: &ExecArgs) -> Result<u8> {
             .thread_block()
             .map_err(|e| Error::Usage(format!("cannot block signals: {e}")))?;
     }
+    let console = console_socket(
+        process.terminal() == Some(true),
+        args.console_socket.as_deref(),
+    )?;
     let joined = spawn::spawn_exec(
         &plan,
         pidfd.as_fd(),
         ALL_NAMESPACES,
         cgroup_dir.as_ref().map(|d| d.as_fd()),
         args.preserve_fds,
+        console.as_ref().map(|c| c.as_fd()),
     )?;
     let pid = joined.pid;
     if cgroup_dir.is_none()
@@ -159,6 +159,7 @@ fn command_line_process(bundle: &Bundle, args: &ExecArgs) -> Result<SpecProcess>
         .clone()
         .expect("checked by Bundle::load");
     process.set_args(Some(args.args.clone()));
+    process.set_terminal(Some(args.tty));
     let mut env = process.env().clone().unwrap_or_default();
     for kv in &args.env {
         let name = kv.split('=').next().unwrap_or_default();

@@ -26,7 +26,8 @@ pub struct CreateArgs {
     /// Where to write the init's pid.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
-    /// Accepted; a terminal (`process.terminal`) is not supported, so it is never used.
+    /// A unix socket to send the master of the container's terminal to, when its process
+    /// has one (`process.terminal`).
     #[arg(long)]
     pub console_socket: Option<PathBuf>,
     /// Accepted; silo always uses pivot_root, which works on every root it accepts.
@@ -121,7 +122,7 @@ fn create_pidfd(g: &Global, args: &CreateArgs) -> Result<OwnedFd> {
 
 fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Result<OwnedFd> {
     let id = &args.id;
-    let bundle = Bundle::load_with_hooks(&args.bundle)?;
+    let bundle = Bundle::load_for_runc(&args.bundle)?;
     let spec = bundle.spec();
     let proc_spec = spec.process().as_ref().expect("checked by Bundle::load");
     let mut env = proc_spec.env().clone().unwrap_or_default();
@@ -173,9 +174,14 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
     )
     .map_err(|e| dir.io("open the exec FIFO", e.into()))?;
 
+    let console = console_socket(
+        proc_spec.terminal() == Some(true),
+        args.console_socket.as_deref(),
+    )?;
     let direct = Direct {
         exec_fifo: fifo.as_fd(),
         preserve_fds: preserve,
+        console: console.as_ref().map(|c| c.as_fd()),
     };
     let created = spawn::spawn_direct(&plan, cgroup_dir.as_ref().map(|d| d.as_fd()), &direct)?;
     let pid = created.pid;
@@ -325,6 +331,27 @@ fn wait_for_fifo(dir: &Dir, fifo: BorrowedFd<'_>, pidfd: BorrowedFd<'_>) -> Resu
         "wait for the init to take the exec FIFO",
         std::io::ErrorKind::TimedOut.into(),
     ))
+}
+
+/// The connected console socket for a process with a terminal; none without one.
+pub(super) fn console_socket(
+    terminal: bool,
+    path: Option<&std::path::Path>,
+) -> Result<Option<std::os::unix::net::UnixStream>> {
+    if !terminal {
+        return Ok(None);
+    }
+    let path = path.ok_or_else(|| {
+        Error::Usage("a process with a terminal needs --console-socket to send it to".into())
+    })?;
+    std::os::unix::net::UnixStream::connect(path)
+        .map(Some)
+        .map_err(|e| {
+            Error::Usage(format!(
+                "cannot connect to console socket {}: {e}",
+                path.display()
+            ))
+        })
 }
 
 /// A signal by name (`KILL`, `SIGKILL`) or number.

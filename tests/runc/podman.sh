@@ -48,6 +48,10 @@ code=0
 pod "${run[@]}" --network none localhost/silo-rootfs:test sh -c 'exit 7' || code=$?
 [ "$code" = 7 ] || fail "exit code $code, not 7"
 
+step "run -t: a terminal through conmon's console socket"
+out=$(pod "${run[@]}" -t --network none localhost/silo-rootfs:test tty </dev/null | tr -d '\r')
+[[ $out == /dev/pts/* ]] || fail "tty printed '$out'"
+
 step "bridge network with a published port"
 pod run -d --name web --cgroup-parent "$cgroup_parent" "${limits[@]}" -p 127.0.0.1:8080:8080 \
     localhost/silo-rootfs:test /bin/testprog serve 8080 >/dev/null
@@ -65,6 +69,9 @@ out=$(pod exec web sh -c 'echo exec in $(hostname)')
 code=0
 pod exec web sh -c 'exit 3' || code=$?
 [ "$code" = 3 ] || fail "exec exit code $code, not 3"
+
+out=$(pod exec -t web tty </dev/null | tr -d '\r')
+[[ $out == /dev/pts/* ]] || fail "exec -t: tty printed '$out'"
 
 step "ps, pause, unpause"
 pod top web >/dev/null || fail "top"
