@@ -216,6 +216,30 @@ fn create_start_kill_delete() {
 }
 
 #[test]
+fn deleting_a_created_container_or_a_half_made_one() {
+    let mut r = Runc::new();
+    let id = r.id("created");
+    r.create(&id);
+    let pid = pid_of(&r.state(&id));
+    // Never started, so nothing of the user's ran: delete needs no --force.
+    r.ok(&["delete", &id]);
+    assert!(
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_or(true, |c| !c.contains(&format!("/silo/{id}")))
+    );
+    assert_no_cgroup(&id);
+
+    // A create killed after making its cgroup: a forced delete removes what it left.
+    r.create(&id);
+    std::fs::remove_file(r.root().join(&id).join("state.json")).unwrap();
+    let err = r.fails(&["delete", &id]);
+    assert!(err.contains("does not exist"), "{err}");
+    r.ok(&["delete", "--force", &id]);
+    assert!(!r.root().join(&id).exists());
+    assert_no_cgroup(&id);
+}
+
+#[test]
 fn errors_go_to_a_json_log_last() {
     let mut r = Runc::new();
     let id = r.id("log");
@@ -330,6 +354,33 @@ fn preserved_descriptors_reach_the_container() {
         .unwrap();
     assert!(status.success());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "through-fd-3\n");
+
+    // Socket activation: what systemd passed goes on, with the variables for PID 1.
+    r.set_process(&["/bin/sh", "-c", "echo $LISTEN_FDS $LISTEN_PID >&3"]);
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec 3>{} && LISTEN_FDS=1 exec {silo} --root {} run --bundle {} {id}",
+            out.display(),
+            r.root().display(),
+            r.bundle().display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "1 1\n");
+
+    // Descriptors that are not there cannot be passed on.
+    let bundle = r.bundle();
+    let err = r.fails(&[
+        "run",
+        "--preserve-fds",
+        "40",
+        "--bundle",
+        bundle.to_str().unwrap(),
+        &id,
+    ]);
+    assert!(err.contains("is not open"), "{err}");
 }
 
 #[test]

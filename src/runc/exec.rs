@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use oci_spec::runtime::Process as SpecProcess;
 
-use super::lifecycle::{ALL_NAMESPACES, console_socket, reap};
+use super::lifecycle::{ALL_NAMESPACES, check_preserved, console_socket, reap};
 use super::state::{Dir, Status, write_atomic};
 use super::{Error, Global, Result};
 use crate::bundle::Bundle;
@@ -59,6 +59,7 @@ pub fn exec(g: &Global, args: &ExecArgs) -> Result<u8> {
             status,
         });
     }
+    check_preserved(args.preserve_fds)?;
     let bundle = Bundle::load_for_runc(&saved.bundle)?;
     let process = match &args.process {
         Some(path) => {

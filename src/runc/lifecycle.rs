@@ -10,7 +10,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use tracing::{debug, info, warn};
 
 use super::hooks::{self, Kind};
-use super::state::{Dir, Saved, Status, write_atomic};
+use super::state::{Creating, Dir, Saved, Status, write_atomic};
 use super::{Error, Global, Result};
 use crate::bundle::Bundle;
 use crate::cgroup::Cgroup;
@@ -91,6 +91,7 @@ pub fn create(g: &Global, args: &CreateArgs) -> Result<()> {
 /// Creates the container and returns the pidfd of its init (our child until we exit).
 fn create_pidfd(g: &Global, args: &CreateArgs) -> Result<OwnedFd> {
     let dir = Dir::new(&g.root, &args.id)?;
+    check_preserved(args.preserve_fds + listen_fds())?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -129,11 +130,8 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
     let mut preserve = args.preserve_fds;
     // Socket activation, as runc does it: the descriptors systemd passed us go on to the
     // container, whose init is PID 1 of its namespace.
-    if let Some(n) = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse::<u32>().ok())
-        .filter(|n| *n > 0)
-    {
+    let n = listen_fds();
+    if n > 0 {
         preserve += n;
         env.retain(|kv| !kv.starts_with("LISTEN_FDS=") && !kv.starts_with("LISTEN_PID="));
         env.push(format!("LISTEN_FDS={n}"));
@@ -157,6 +155,10 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
         &g.cgroup_parent,
         g.systemd_cgroup,
     )?;
+    dir.creating(&Creating {
+        cgroup: rel.clone(),
+        cgroup_parent: g.cgroup_parent.clone(),
+    })?;
     let cgroup = Cgroup::create(&g.cgroup_parent, &rel, &limits)?;
     let cgroup_dir = cgroup.dir_fd()?;
     made.cgroup = Some(cgroup);
@@ -333,6 +335,28 @@ fn wait_for_fifo(dir: &Dir, fifo: BorrowedFd<'_>, pidfd: BorrowedFd<'_>) -> Resu
     ))
 }
 
+/// How many descriptors systemd passed us for socket activation (`LISTEN_FDS`).
+fn listen_fds() -> u32 {
+    std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Checks that descriptors 3 to 3+n-1, which go to the container, are all open: then every
+/// descriptor this command opens lands above them, and none of silo's is passed on.
+pub(super) fn check_preserved(n: u32) -> Result<()> {
+    for fd in 3..3 + n as i32 {
+        // SAFETY: F_GETFD only reads the flags of a descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(Error::Usage(format!(
+                "descriptor {fd} is to be passed to the container but is not open"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The connected console socket for a process with a terminal; none without one.
 pub(super) fn console_socket(
     terminal: bool,
@@ -412,8 +436,14 @@ pub fn delete(g: &Global, id: &str, force: bool) -> Result<()> {
     let _lock = dir.lock()?;
     let saved = match dir.load() {
         Ok(saved) => saved,
-        // As runc: a forced delete of what is not there (or half made) succeeds.
+        // As runc: a forced delete of what is not there (or half made) succeeds. A
+        // create that died half-way may have left its cgroup, and its init waiting.
         Err(Error::NotExist(_)) if force => {
+            if let Some(creating) = dir.unfinished() {
+                let cgroup = Cgroup::open(&creating.cgroup_parent, &creating.cgroup)?;
+                cgroup.kill_all()?;
+                cgroup.remove()?;
+            }
             let _ = std::fs::remove_dir_all(&dir.path);
             return Ok(());
         }

@@ -13,6 +13,9 @@ use crate::cgroup::Cgroup;
 use crate::state::Proc;
 
 const STATE_FILE: &str = "state.json";
+/// Written before `create` makes the cgroup, so that a create killed half-way leaves
+/// enough for `delete --force` to remove it.
+const CREATING_FILE: &str = "creating.json";
 pub(super) const FIFO: &str = "exec.fifo";
 
 /// The OCI status of a container, as `state` reports it.
@@ -55,6 +58,14 @@ pub struct Saved {
     pub annotations: BTreeMap<String, String>,
     /// The bundle's hooks, for `start` and `delete`, which do not read the bundle again.
     pub hooks: Option<oci_spec::runtime::Hooks>,
+}
+
+/// The cgroup of a create under way.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Creating {
+    pub cgroup: String,
+    pub cgroup_parent: String,
 }
 
 /// What `state` prints and hooks read on stdin: the OCI state, plus runc's extra fields
@@ -120,6 +131,19 @@ impl Dir {
             Err(e) => return Err(self.io("read the state", e)),
         };
         serde_json::from_slice(&text).map_err(|e| self.io("parse the state", e.into()))
+    }
+
+    /// Records the cgroup a create is about to make.
+    pub fn creating(&self, cgroup: &Creating) -> Result<()> {
+        let json = serde_json::to_vec(cgroup).expect("a cgroup path serializes");
+        write_atomic(&self.path.join(CREATING_FILE), &json)
+            .map_err(|e| self.io("record its cgroup", e))
+    }
+
+    /// What a create that never finished recorded, if anything.
+    pub fn unfinished(&self) -> Option<Creating> {
+        let json = std::fs::read(self.path.join(CREATING_FILE)).ok()?;
+        serde_json::from_slice(&json).ok()
     }
 
     /// Replaces the state atomically: a crash leaves the old one or the new one.

@@ -43,6 +43,10 @@ step "run --rm --network none echo hi"
 out=$(pod "${run[@]}" --network none localhost/silo-rootfs:test echo hi)
 [ "$out" = hi ] || fail "echo printed '$out'"
 
+step "run --rm echo hi on Podman's bridge network"
+out=$(pod "${run[@]}" localhost/silo-rootfs:test echo hi)
+[ "$out" = hi ] || fail "echo printed '$out'"
+
 step "exit code"
 code=0
 pod "${run[@]}" --network none localhost/silo-rootfs:test sh -c 'exit 7' || code=$?
