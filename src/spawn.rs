@@ -1208,6 +1208,7 @@ pub fn spawn(
         fifo: -1,
         preserve: 0,
         console: -1,
+        hold_before_pivot: false,
     };
     let keeper_fds = KeeperFds {
         info: info_w.as_raw_fd(),
@@ -1288,9 +1289,21 @@ pub struct Direct<'a> {
     /// container's /dev/pts, sends its master there, and takes the other end as its stdio
     /// and controlling terminal.
     pub console: Option<BorrowedFd<'a>>,
+    /// Stop once more when the mounts are done, before the root is switched (for the
+    /// createContainer hooks).
+    pub hold_before_pivot: bool,
 }
 
-/// An init cloned by [`spawn_direct`], waiting for [`Created::release`].
+/// How far a direct init got when [`Created::go_on`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Its mounts are done and it waits to switch its root (with `hold_before_pivot`).
+    Mounted,
+    /// Its setup is done and it waits on the exec FIFO.
+    Ready,
+}
+
+/// An init cloned by [`spawn_direct`], waiting for [`Created::go_on`].
 #[derive(Debug)]
 pub struct Created {
     pub pid: u32,
@@ -1301,9 +1314,9 @@ pub struct Created {
 }
 
 impl Created {
-    /// Lets the init go on with its setup and waits until it is done and the init waits
-    /// on its exec FIFO. On a failed setup, the child's report (if it wrote one).
-    pub fn release(self) -> std::result::Result<OwnedFd, Option<Report>> {
+    /// Lets the init go on with its setup, and waits until it stops at the next stage. On a
+    /// failed setup, the child's report (if it wrote one); the child is reaped then.
+    pub fn go_on(&self) -> std::result::Result<Stage, Option<Report>> {
         // SAFETY: writes one byte from a live stack variable to a pipe we own.
         let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
         if n != 1 {
@@ -1316,8 +1329,10 @@ impl Created {
                 other => break other,
             }
         };
-        if n == Ok(1) {
-            return Ok(self.pidfd);
+        match (n, byte[0]) {
+            (Ok(1), MOUNTED) => return Ok(Stage::Mounted),
+            (Ok(1), _) => return Ok(Stage::Ready),
+            _ => {}
         }
         // The ready pipe ended without a byte: the child failed, and wrote its report
         // before exiting. Reap it, as its parent.
@@ -1329,7 +1344,7 @@ impl Created {
 
 /// Clones the init as a child of the calling process, with no keeper, inheriting its
 /// stdio: runc's `create`, whose caller reaps the init after we exit. The init waits first
-/// for [`Created::release`] (for the caller to put it in its cgroup on v1), then sets up
+/// for [`Created::go_on`] (for the caller to put it in its cgroup on v1), then sets up
 /// the container and waits on `direct.exec_fifo` before its exec.
 ///
 /// The caller must be single-threaded or otherwise hold no lock the child could need:
@@ -1356,6 +1371,7 @@ pub fn spawn_direct(
         fifo: direct.exec_fifo.as_raw_fd(),
         preserve: direct.preserve_fds,
         console: direct.console.map_or(-1, |fd| fd.as_raw_fd()),
+        hold_before_pivot: direct.hold_before_pivot,
     };
     let mut pidfd: libc::c_int = -1;
     let cgroup = cgroup_dir.map_or(-1, |fd| fd.as_raw_fd());
@@ -1436,6 +1452,7 @@ pub fn spawn_exec(
         fifo: -1,
         preserve: preserve_fds,
         console: console.map_or(-1, |fd| fd.as_raw_fd()),
+        hold_before_pivot: false,
     };
     let join = JoinFds {
         init: init.as_raw_fd(),
@@ -1604,7 +1621,14 @@ struct ChildFds {
     /// A socket to send the master of a new terminal to, which becomes the process's
     /// stdio and controlling terminal (-1: none).
     console: RawFd,
+    /// Say [`MOUNTED`] on `ready` and wait on `go` once more before the root is switched.
+    hold_before_pivot: bool,
 }
+
+/// What a direct init says on its ready pipe: its mounts are done (when held there).
+const MOUNTED: u8 = 2;
+/// Its whole setup is done; it waits on the exec FIFO.
+const READY: u8 = 1;
 
 /// The keeper's own descriptors (-1: none).
 struct KeeperFds {
@@ -1905,6 +1929,17 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             libc::close(dev_dir);
         }
 
+        if fds.hold_before_pivot {
+            // The mounts are in place: `create` runs the createContainer hooks in our mount
+            // namespace now, and lets us go on when they are done.
+            let mut byte = 0u8;
+            if libc::write(fds.ready, [MOUNTED].as_ptr().cast(), 1) != 1
+                || libc::read(fds.go, (&mut byte as *mut u8).cast(), 1) != 1
+            {
+                libc::_exit(127);
+            }
+        }
+
         // Swap roots: the old root ends up stacked on the new one and is then detached,
         // which avoids needing a writable directory in the rootfs to hold it.
         if libc::fchdir(root) != 0
@@ -2046,7 +2081,7 @@ unsafe fn enter(plan: &Plan, fds: &ChildFds) -> ! {
             // the FIFO for reading and reads the byte written here, as runc's init does.
             // Through /proc/self/fd because the FIFO's path is outside our root now, and
             // before the change of user, after which /proc/self/fd is no longer ours.
-            libc::write(fds.ready, [1u8].as_ptr().cast(), 1);
+            libc::write(fds.ready, [READY].as_ptr().cast(), 1);
             libc::close(fds.ready);
             let fifo = libc::open(
                 FdPath::new(fds.fifo).as_ptr(),

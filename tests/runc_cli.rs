@@ -394,9 +394,16 @@ fn hooks_run_at_their_points_with_the_state() {
         serde_json::json!({"path": "/bin/sh",
             "args": ["sh", "-c", format!("cat > {}", file.display())]})
     };
+    // createContainer runs in the container's mount namespace once its mounts are in place
+    // (its /dev, below the rootfs) and before its root switch (the host's /bin/sh).
+    let rootfs = common::bundle().join("rootfs");
+    let mounts = seen.join("mounts");
+    let create_container = serde_json::json!({"path": "/bin/sh", "args": ["sh", "-c",
+        format!("cat > {}; grep ' {}/dev ' /proc/self/mountinfo > {}",
+            seen.join("createContainer").display(), rootfs.display(), mounts.display())]});
     let hooks = serde_json::json!({
         "createRuntime": [host_hook("createRuntime")],
-        "createContainer": [host_hook("createContainer")],
+        "createContainer": [create_container],
         "poststart": [host_hook("poststart")],
         "poststop": [host_hook("poststop")],
     });
@@ -408,6 +415,11 @@ fn hooks_run_at_their_points_with_the_state() {
     assert_eq!(state["status"], "creating");
     assert!(pid_of(&state) > 0);
     assert!(seen.join("createContainer").exists());
+    let dev = std::fs::read_to_string(&mounts).unwrap();
+    assert!(
+        dev.contains("tmpfs"),
+        "the hook did not see the container's /dev: {dev}"
+    );
     assert!(!seen.join("poststart").exists());
     r.ok(&["start", &id]);
     let poststart: serde_json::Value =

@@ -2,8 +2,8 @@
 //! container's state on their stdin, each within its timeout.
 //!
 //! `prestart`, `createRuntime`, `poststart` and `poststop` run in silo's own namespaces.
-//! `createContainer` runs in the container's mount namespace before its root is switched
-//! (so its path is the host's), and `startContainer` in all of the container's namespaces
+//! `createContainer` runs in the container's mount namespace once its mounts are in place
+//! and before its root is switched (so its path is the host's), and `startContainer` in all of the container's namespaces
 //! once its root is switched (its path is the container's): the hook process joins them
 //! through the init's pidfd before it execs.
 

@@ -14,7 +14,7 @@ use super::state::{Creating, Dir, Saved, Status, write_atomic};
 use super::{Error, Global, Result};
 use crate::bundle::Bundle;
 use crate::cgroup::Cgroup;
-use crate::spawn::{self, Direct, Plan, Process};
+use crate::spawn::{self, Direct, Plan, Process, Stage};
 use crate::state::Proc;
 
 #[derive(clap::Args, Debug)]
@@ -176,6 +176,7 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
     )
     .map_err(|e| dir.io("open the exec FIFO", e.into()))?;
 
+    let create_container = hooks::of(spec.hooks().as_ref(), Kind::CreateContainer);
     let console = console_socket(
         proc_spec.terminal() == Some(true),
         args.console_socket.as_deref(),
@@ -184,6 +185,7 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
         exec_fifo: fifo.as_fd(),
         preserve_fds: preserve,
         console: console.as_ref().map(|c| c.as_fd()),
+        hold_before_pivot: !create_container.is_empty(),
     };
     let created = spawn::spawn_direct(&plan, cgroup_dir.as_ref().map(|d| d.as_fd()), &direct)?;
     let pid = created.pid;
@@ -231,17 +233,20 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
     )?;
     let create_runtime = hooks::of(spec.hooks().as_ref(), Kind::CreateRuntime);
     hooks::run(Kind::CreateRuntime, &create_runtime, &state, None)?;
-    let create_container = hooks::of(spec.hooks().as_ref(), Kind::CreateContainer);
-    let mount_ns = Some((pidfd, libc::CLONE_NEWNS));
-    hooks::run(Kind::CreateContainer, &create_container, &state, mount_ns)?;
-
-    let pidfd = created.release().map_err(|report| Error::Boot {
+    let boot = |report: Option<spawn::Report>| Error::Boot {
         id: id.clone(),
         reason: report.map_or_else(
             || "its init exited during its setup".to_string(),
             |r| plan.describe(&r),
         ),
-    })?;
+    };
+    if created.go_on().map_err(boot)? == Stage::Mounted {
+        // Its mounts are in place and its root not yet switched.
+        let mount_ns = Some((pidfd, libc::CLONE_NEWNS));
+        hooks::run(Kind::CreateContainer, &create_container, &state, mount_ns)?;
+        created.go_on().map_err(boot)?;
+    }
+    let pidfd = created.pidfd;
     dir.save(&saved)?;
     if let Some(path) = &args.pid_file {
         write_atomic(path, pid.to_string().as_bytes())
