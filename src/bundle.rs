@@ -237,12 +237,19 @@ fn check(spec: &Spec, path: &Path, runc: bool) -> Result<()> {
             LinuxNamespaceType::Time => {
                 return unsupported(&format!("linux.namespaces[{i}] (time)"), "");
             }
-            LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Cgroup
-                if ns.path().is_some() =>
-            {
+            // Only runc mode's init is cloned by a process that can join a pid namespace
+            // for it (see spawn::spawn_direct).
+            LinuxNamespaceType::Pid if ns.path().is_some() && !runc => {
                 return unsupported(
                     &format!("linux.namespaces[{i}].path"),
                     " (only network, ipc and uts namespaces can be joined)",
+                );
+            }
+            LinuxNamespaceType::Mount | LinuxNamespaceType::Cgroup if ns.path().is_some() => {
+                return unsupported(
+                    &format!("linux.namespaces[{i}].path"),
+                    " (only network, ipc, uts and, from runc's command line, pid namespaces \
+                     can be joined)",
                 );
             }
             _ => {}

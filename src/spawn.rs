@@ -1348,7 +1348,8 @@ impl Created {
 /// the container and waits on `direct.exec_fifo` before its exec.
 ///
 /// The caller must be single-threaded or otherwise hold no lock the child could need:
-/// the child allocates nothing, as the module comment says.
+/// the child allocates nothing, as the module comment says. A pid namespace the bundle
+/// names by path becomes the caller's namespace for its later children too.
 pub fn spawn_direct(
     plan: &Plan,
     cgroup_dir: Option<BorrowedFd<'_>>,
@@ -1373,6 +1374,12 @@ pub fn spawn_direct(
         console: direct.console.map_or(-1, |fd| fd.as_raw_fd()),
         hold_before_pivot: direct.hold_before_pivot,
     };
+    // Joining a pid namespace places the joiner's later children in it, not the joiner:
+    // so the caller (about to exit) joins it, and the init is born inside.
+    for (fd, _) in plan.joins.iter().filter(|(_, t)| *t == libc::CLONE_NEWPID) {
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWPID)
+            .map_err(|e| os("join the pid namespace given by path")(e.into()))?;
+    }
     let mut pidfd: libc::c_int = -1;
     let cgroup = cgroup_dir.map_or(-1, |fd| fd.as_raw_fd());
     // SAFETY: the child runs only `child`, under the discipline the caller upholds.
@@ -1786,6 +1793,10 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         }
 
         for (i, (fd, nstype)) in plan.joins.iter().enumerate() {
+            // A pid namespace was joined for us before the clone (see spawn_direct).
+            if *nstype == libc::CLONE_NEWPID {
+                continue;
+            }
             if libc::setns(fd.as_raw_fd(), *nstype) != 0 {
                 fail(fds, Step::Join, i);
             }

@@ -637,3 +637,36 @@ fn a_terminal_goes_to_the_console_socket() {
     assert!(init_out.contains("/dev/pts/0"), "{init_out:?}");
     r.wait_status(&id, "stopped");
 }
+
+#[test]
+fn a_pid_namespace_is_joined_by_path() {
+    let mut r = Runc::new();
+    let first = r.id("pidns-a");
+    r.set_process(&["/bin/sleep", "30"]);
+    r.create(&first);
+    r.ok(&["start", &first]);
+    let pid = pid_of(&r.state(&first));
+    let second = r.id("pidns-b");
+    let ns = format!("/proc/{pid}/ns/pid");
+    r.config(&["/bin/sh", "-c", "cat /proc/1/cmdline; echo"], |cfg| {
+        let namespaces = cfg["linux"]["namespaces"].as_array_mut().unwrap();
+        for n in namespaces.iter_mut() {
+            if n["type"] == "pid" {
+                n["path"] = ns.clone().into();
+            }
+        }
+    });
+    let bundle = r.bundle();
+    let out = r.silo(&["run", "--bundle", bundle.to_str().unwrap(), &second]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("/bin/sleep"),
+        "it sees the first container's init: {stdout:?}"
+    );
+    r.ok(&["delete", "--force", &first]);
+}

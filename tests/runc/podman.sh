@@ -77,6 +77,11 @@ pod exec web sh -c 'exit 3' || code=$?
 out=$(pod exec -t web tty </dev/null | tr -d '\r')
 [[ $out == /dev/pts/* ]] || fail "exec -t: tty printed '$out'"
 
+step "--pid container:web joins its pid namespace by path"
+out=$(pod "${run[@]}" --network none --pid container:web localhost/silo-rootfs:test \
+    cat /proc/1/cmdline | tr '\0' ' ')
+[[ $out == "/bin/testprog serve 8080"* ]] || fail "pid 1 is '$out'"
+
 step "ps, pause, unpause"
 pod top web >/dev/null || fail "top"
 pod pause web >/dev/null
