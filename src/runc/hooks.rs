@@ -3,9 +3,9 @@
 //!
 //! `prestart`, `createRuntime`, `poststart` and `poststop` run in silo's own namespaces.
 //! `createContainer` runs in the container's mount namespace once its mounts are in place
-//! and before its root is switched (so its path is the host's), and `startContainer` in all of the container's namespaces
-//! once its root is switched (its path is the container's): the hook process joins them
-//! through the init's pidfd before it execs.
+//! and before its root is switched (so its path is the host's), and `startContainer` in
+//! all of the container's namespaces once its root is switched (its path is the
+//! container's): the hook process joins them through the init's pidfd before it execs.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd};
