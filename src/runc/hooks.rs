@@ -1,11 +1,12 @@
 //! OCI hooks: programs the bundle names, run at points of the lifecycle with the
 //! container's state on their stdin, each within its timeout.
 //!
-//! `prestart`, `createRuntime`, `poststart` and `poststop` run in silo's own namespaces.
-//! `createContainer` runs in the container's mount namespace once its mounts are in place
-//! and before its root is switched (so its path is the host's), and `startContainer` in
-//! all of the container's namespaces once its root is switched (its path is the
-//! container's): the hook process joins them through the init's pidfd before it execs.
+//! `prestart`, `createRuntime`, `poststart` and `poststop` run in silo's own namespaces,
+//! the first two (as with runc) once the init's mounts are in place and before its root is
+//! switched. `createContainer` runs then too, in the container's mount namespace (so its
+//! path is the host's), and `startContainer` in all of the container's namespaces once
+//! its root is switched (its path is the container's): the hook process joins them
+//! through the init's pidfd before it execs.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, BorrowedFd};

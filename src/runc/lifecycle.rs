@@ -176,6 +176,8 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
     )
     .map_err(|e| dir.io("open the exec FIFO", e.into()))?;
 
+    let prestart = hooks::of(spec.hooks().as_ref(), Kind::Prestart);
+    let create_runtime = hooks::of(spec.hooks().as_ref(), Kind::CreateRuntime);
     let create_container = hooks::of(spec.hooks().as_ref(), Kind::CreateContainer);
     let console = console_socket(
         proc_spec.terminal() == Some(true),
@@ -185,7 +187,9 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
         exec_fifo: fifo.as_fd(),
         preserve_fds: preserve,
         console: console.as_ref().map(|c| c.as_fd()),
-        hold_before_pivot: !create_container.is_empty(),
+        hold_before_pivot: [&prestart, &create_runtime, &create_container]
+            .iter()
+            .any(|h| !h.is_empty()),
     };
     let created = spawn::spawn_direct(&plan, cgroup_dir.as_ref().map(|d| d.as_fd()), &direct)?;
     let pid = created.pid;
@@ -224,15 +228,6 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
     };
     let state = serde_json::to_vec(&saved.report(Status::Creating)).expect("state serializes");
     let pidfd = made.init.as_ref().expect("set above").as_fd();
-    // The init's namespaces exist now, and it has not yet touched its mounts.
-    hooks::run(
-        Kind::Prestart,
-        &hooks::of(spec.hooks().as_ref(), Kind::Prestart),
-        &state,
-        None,
-    )?;
-    let create_runtime = hooks::of(spec.hooks().as_ref(), Kind::CreateRuntime);
-    hooks::run(Kind::CreateRuntime, &create_runtime, &state, None)?;
     let boot = |report: Option<spawn::Report>| Error::Boot {
         id: id.clone(),
         reason: report.map_or_else(
@@ -241,7 +236,9 @@ fn create_in(g: &Global, args: &CreateArgs, dir: &Dir, made: &mut Made) -> Resul
         ),
     };
     if created.go_on().map_err(boot)? == Stage::Mounted {
-        // Its mounts are in place and its root not yet switched.
+        // As with runc: its namespaces and mounts are in place, its root not yet switched.
+        hooks::run(Kind::Prestart, &prestart, &state, None)?;
+        hooks::run(Kind::CreateRuntime, &create_runtime, &state, None)?;
         let mount_ns = Some((pidfd, libc::CLONE_NEWNS));
         hooks::run(Kind::CreateContainer, &create_container, &state, mount_ns)?;
         created.go_on().map_err(boot)?;
