@@ -62,7 +62,16 @@ impl Bundle {
     /// Reads `DIR/config.json`, checks every field against what silo supports and resolves
     /// the root filesystem (relative to the bundle directory, as the OCI spec says).
     pub fn load(dir: impl AsRef<Path>) -> Result<Bundle> {
-        let dir = dir.as_ref();
+        Bundle::load_checked(dir.as_ref(), false)
+    }
+
+    /// Like [`Bundle::load`], but accepts `hooks` and `process.terminal`, for a caller that
+    /// runs the hooks itself and hands the terminal over (runc's command line).
+    pub fn load_for_runc(dir: impl AsRef<Path>) -> Result<Bundle> {
+        Bundle::load_checked(dir.as_ref(), true)
+    }
+
+    fn load_checked(dir: &Path, runc: bool) -> Result<Bundle> {
         if !dir.is_dir() {
             return Err(Error::NotADirectory(dir.to_path_buf()));
         }
@@ -77,14 +86,18 @@ impl Bundle {
             path: config_path.clone(),
             source,
         })?;
-        Bundle::from_json(&text, dir)
+        Bundle::parse(&text, dir, runc)
     }
 
     /// Checks `text` as the `config.json` of the bundle directory `dir` (taken as given,
     /// not made absolute) without reading it from disk. Only the root filesystem is looked
     /// up, to make sure it is a directory.
     pub fn from_json(text: &[u8], dir: impl Into<PathBuf>) -> Result<Bundle> {
-        let dir = dir.into();
+        Bundle::parse(text, dir.into(), false)
+    }
+
+    /// [`Bundle::from_json`], with what runc mode accepts beyond it when `runc` is set.
+    fn parse(text: &[u8], dir: PathBuf, runc: bool) -> Result<Bundle> {
         let config_path = dir.join("config.json");
         // serde_json's own errors say where (line and column) and what (the field).
         let spec: Spec = serde_json::from_slice(text).map_err(|source| Error::Json {
@@ -105,7 +118,7 @@ impl Bundle {
                 field,
             });
         }
-        check(&spec, &config_path)?;
+        check(&spec, &config_path, runc)?;
 
         let root = spec.root().as_ref().ok_or(Error::Missing {
             path: config_path.clone(),
@@ -123,6 +136,17 @@ impl Bundle {
             config_path,
             rootfs,
             spec,
+        })
+    }
+
+    /// This bundle with `process` in place of its own (for runc's `exec`), checked again.
+    pub fn with_process(&self, process: oci_spec::runtime::Process) -> Result<Bundle> {
+        let mut spec = self.spec.clone();
+        spec.set_process(Some(process));
+        check(&spec, &self.config_path, true)?;
+        Ok(Bundle {
+            spec,
+            ..self.clone()
         })
     }
 
@@ -155,8 +179,9 @@ impl Bundle {
     }
 }
 
-/// Refuses every field whose meaning silo does not implement.
-fn check(spec: &Spec, path: &Path) -> Result<()> {
+/// Refuses every field whose meaning silo does not implement; `hooks` and a terminal only
+/// when the caller (runc mode) handles them.
+fn check(spec: &Spec, path: &Path, runc: bool) -> Result<()> {
     let unsupported = |field: &str, hint: &'static str| {
         Err(Error::Unsupported {
             path: path.to_path_buf(),
@@ -174,7 +199,7 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
             field: "process.args",
         });
     }
-    if process.terminal() == Some(true) {
+    if process.terminal() == Some(true) && !runc {
         return unsupported("process.terminal", " (run without a terminal)");
     }
     if process.apparmor_profile().is_some() {
@@ -195,7 +220,7 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
     if spec.domainname().is_some() {
         return unsupported("domainname", "");
     }
-    if spec.hooks().is_some() {
+    if spec.hooks().is_some() && !runc {
         return unsupported("hooks", "");
     }
     for (i, mount) in spec.mounts().iter().flatten().enumerate() {
@@ -225,12 +250,19 @@ fn check(spec: &Spec, path: &Path) -> Result<()> {
             LinuxNamespaceType::Time => {
                 return unsupported(&format!("linux.namespaces[{i}] (time)"), "");
             }
-            LinuxNamespaceType::Pid | LinuxNamespaceType::Mount | LinuxNamespaceType::Cgroup
-                if ns.path().is_some() =>
-            {
+            // Only runc mode's init is cloned by a process that can join a pid namespace
+            // for it (see spawn::spawn_direct).
+            LinuxNamespaceType::Pid if ns.path().is_some() && !runc => {
                 return unsupported(
                     &format!("linux.namespaces[{i}].path"),
                     " (only network, ipc and uts namespaces can be joined)",
+                );
+            }
+            LinuxNamespaceType::Mount | LinuxNamespaceType::Cgroup if ns.path().is_some() => {
+                return unsupported(
+                    &format!("linux.namespaces[{i}].path"),
+                    " (only network, ipc, uts and, from runc's command line, pid namespaces \
+                     can be joined)",
                 );
             }
             _ => {}

@@ -303,6 +303,41 @@ impl Cgroup {
         self.wait_empty()
     }
 
+    /// Freezes (or thaws) every process of the cgroup: runc's `pause` and `resume`.
+    pub fn set_frozen(&self, frozen: bool) -> Result<()> {
+        let what = if frozen { "freeze" } else { "thaw" };
+        if self.layout == Layout::V2 {
+            let file = Path::new(V2_ROOT).join(&self.path).join("cgroup.freeze");
+            return fs::write(file, if frozen { "1" } else { "0" })
+                .map_err(|source| self.io(what, source));
+        }
+        let freezer = self
+            .group
+            .controller_of::<cgroups_rs::fs::freezer::FreezerController>()
+            .ok_or_else(|| Error::MissingController {
+                controller: "freezer",
+                path: self.path(),
+            })?;
+        let done = if frozen {
+            freezer.freeze()
+        } else {
+            freezer.thaw()
+        };
+        done.map_err(|source| self.cgroups(what, source))
+    }
+
+    /// Whether the cgroup is frozen.
+    pub fn frozen(&self) -> bool {
+        if self.layout == Layout::V2 {
+            let file = Path::new(V2_ROOT).join(&self.path).join("cgroup.events");
+            return fs::read_to_string(file).is_ok_and(|t| t.lines().any(|l| l == "frozen 1"));
+        }
+        self.group
+            .controller_of::<cgroups_rs::fs::freezer::FreezerController>()
+            .and_then(|f| f.state().ok())
+            .is_some_and(|s| matches!(s, cgroups_rs::FreezerState::Frozen))
+    }
+
     fn wait_empty(&self) -> Result<()> {
         for _ in 0..200 {
             if self.procs().is_empty() {

@@ -5,6 +5,7 @@
 //! [`cgroup`] bounds it, [`network`] wires a veth pair into it, [`firewall`] confines what it
 //! reaches, [`monitor`] waits for it to exit, and [`port`] talks to it over TCP.
 //! [`Runtime`] and [`Container`] tie these together behind a small actor-like API.
+//! [`runc`] is the command line's runc-compatible mode, for orchestrators.
 
 pub mod bundle;
 pub mod cgroup;
@@ -20,6 +21,7 @@ mod logs;
 pub mod monitor;
 pub mod network;
 pub mod port;
+pub mod runc;
 mod runtime;
 pub mod seccomp;
 pub mod spawn;

@@ -125,6 +125,17 @@ enum ImageCommand {
 }
 
 fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The form runc prints, which the shims parse, for both modes.
+    if args.len() == 2 && matches!(args[1].to_str(), Some("--version" | "-v")) {
+        print!("{}", silo::runc::version());
+        return ExitCode::SUCCESS;
+    }
+    // Before anything starts a thread: runc mode clones the container's init from this
+    // very process.
+    if silo::runc::wanted(&args) {
+        return ExitCode::from(silo::runc::main(args));
+    }
     tracing_subscriber::fmt()
         .with_env_filter(silo::log_filter())
         .with_writer(std::io::stderr)

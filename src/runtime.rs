@@ -184,7 +184,7 @@ fn recover(shared: &Arc<Shared>) -> Result<HashMap<String, Container>> {
 }
 
 /// Ids become file and cgroup names: 1 to 64 of `[A-Za-z0-9_.-]`, starting alphanumeric.
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     let mut chars = id.chars();
     id.len() <= 64
         && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())

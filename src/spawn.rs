@@ -24,6 +24,11 @@
 //! thread's TLS, so it makes only raw syscalls (no libc call that could write `errno`), and
 //! touches only its stack and what it copied there before telling the runtime to go on.
 //!
+//! For runc's command line, [`spawn_direct`] clones the init without a keeper, as a child
+//! of the calling process, which exits after `create`: the init is then reparented to the
+//! caller's subreaper (a containerd shim, conmon), which reaps it. Such an init does its
+//! whole setup, says so on a ready pipe, and then waits on an exec FIFO until `start`.
+//!
 //! The child blocks on a pipe until [`Child::release`] so that the parent can place it in
 //! its cgroup and wire its network first. Whatever fails in the child is written to an error
 //! pipe as a fixed-size [`Report`] and the child exits with 127; the pipe is close-on-exec,
@@ -562,6 +567,8 @@ impl Plan {
                 self.arg0
             ),
             Step::Join => format!("join a namespace given by path: {err}"),
+            Step::ExecFifo => format!("wait for start on the exec FIFO: {err}"),
+            Step::Terminal => format!("set up the terminal for the console socket: {err}"),
             step => format!("{step:?}: {err}"),
         }
     }
@@ -1072,11 +1079,13 @@ pub enum Step {
     NullDevice,
     RuntimeExe,
     OomScoreAdj,
+    ExecFifo,
+    Terminal,
 }
 
 impl From<u32> for Step {
     fn from(n: u32) -> Step {
-        const ALL: [Step; 30] = [
+        const ALL: [Step; 32] = [
             Step::Unknown,
             Step::Wait,
             Step::Join,
@@ -1107,6 +1116,8 @@ impl From<u32> for Step {
             Step::NullDevice,
             Step::RuntimeExe,
             Step::OomScoreAdj,
+            Step::ExecFifo,
+            Step::Terminal,
         ];
         ALL.get(n as usize).copied().unwrap_or(Step::Unknown)
     }
@@ -1294,6 +1305,11 @@ pub fn spawn(
         err: err_w.as_raw_fd(),
         stdin: null.as_raw_fd(),
         out: out_fd,
+        ready: -1,
+        fifo: -1,
+        preserve: 0,
+        console: -1,
+        hold_before_pivot: false,
     };
     let keeper_fds = KeeperFds {
         info: info_w.as_raw_fd(),
@@ -1371,6 +1387,287 @@ pub fn spawn(
     })
 }
 
+/// What a direct init needs besides its plan (see [`spawn_direct`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Direct<'a> {
+    /// The exec FIFO, opened `O_PATH`: the init opens it for writing once its setup is
+    /// done, which blocks until `start` opens it for reading.
+    pub exec_fifo: BorrowedFd<'a>,
+    /// Descriptors 3 and up passed to the container as they are (runc's `--preserve-fds`
+    /// and `LISTEN_FDS`).
+    pub preserve_fds: u32,
+    /// A connected socket (runc's `--console-socket`): the init makes a terminal in the
+    /// container's /dev/pts, sends its master there, and takes the other end as its stdio
+    /// and controlling terminal.
+    pub console: Option<BorrowedFd<'a>>,
+    /// Stop once more when the mounts are done, before the root is switched (for the
+    /// createContainer hooks).
+    pub hold_before_pivot: bool,
+}
+
+/// How far a direct init got when [`Created::go_on`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Its mounts are done and it waits to switch its root (with `hold_before_pivot`).
+    Mounted,
+    /// Its setup is done and it waits on the exec FIFO.
+    Ready,
+}
+
+/// An init cloned by [`spawn_direct`], waiting for [`Created::go_on`].
+#[derive(Debug)]
+pub struct Created {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    go: OwnedFd,
+    ready: OwnedFd,
+    errors: OwnedFd,
+}
+
+impl Created {
+    /// Lets the init go on with its setup, and waits until it stops at the next stage. On a
+    /// failed setup, the child's report (if it wrote one); the child is reaped then.
+    pub fn go_on(&self) -> std::result::Result<Stage, Option<Report>> {
+        // SAFETY: writes one byte from a live stack variable to a pipe we own.
+        let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(None);
+        }
+        let mut byte = [0u8; 1];
+        let n = loop {
+            match nix::unistd::read(&self.ready, &mut byte) {
+                Err(nix::errno::Errno::EINTR) => continue,
+                other => break other,
+            }
+        };
+        match (n, byte[0]) {
+            (Ok(1), MOUNTED) => return Ok(Stage::Mounted),
+            (Ok(1), _) => return Ok(Stage::Ready),
+            _ => {}
+        }
+        // The ready pipe ended without a byte: the child failed, and wrote its report
+        // before exiting. Reap it, as its parent.
+        let report = Report::read(self.errors.as_fd());
+        reap_blocking(&self.pidfd);
+        Err(report)
+    }
+}
+
+/// Clones the init as a child of the calling process, with no keeper, inheriting its
+/// stdio: runc's `create`, whose caller reaps the init after we exit. The init waits first
+/// for [`Created::go_on`] (for the caller to put it in its cgroup on v1), then sets up
+/// the container and waits on `direct.exec_fifo` before its exec.
+///
+/// The caller must be single-threaded or otherwise hold no lock the child could need:
+/// the child allocates nothing, as the module comment says. A pid namespace the bundle
+/// names by path becomes the caller's namespace for its later children too.
+pub fn spawn_direct(
+    plan: &Plan,
+    cgroup_dir: Option<BorrowedFd<'_>>,
+    direct: &Direct<'_>,
+) -> Result<Created> {
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (ready_r, ready_w) = pipe()?;
+    nix::fcntl::fcntl(
+        &err_r,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| os("configure the error pipe")(e.into()))?;
+    let fds = ChildFds {
+        go: go_r.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        stdin: -1,
+        out: -1,
+        ready: ready_w.as_raw_fd(),
+        fifo: direct.exec_fifo.as_raw_fd(),
+        preserve: direct.preserve_fds,
+        console: direct.console.map_or(-1, |fd| fd.as_raw_fd()),
+        hold_before_pivot: direct.hold_before_pivot,
+    };
+    // Joining a pid namespace places the joiner's later children in it, not the joiner:
+    // so the caller (about to exit) joins it, and the init is born inside.
+    for (fd, _) in plan.joins.iter().filter(|(_, t)| *t == libc::CLONE_NEWPID) {
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWPID)
+            .map_err(|e| os("join the pid namespace given by path")(e.into()))?;
+    }
+    let mut pidfd: libc::c_int = -1;
+    let cgroup = cgroup_dir.map_or(-1, |fd| fd.as_raw_fd());
+    // SAFETY: the child runs only `child`, under the discipline the caller upholds.
+    let pid = unsafe { clone_init(plan, &fds, cgroup, &mut pidfd) }.map_err(|errno| {
+        os("clone the container's init process")(std::io::Error::from_raw_os_error(errno))
+    })?;
+    // The child's ends close here, so that the init sees the end of `go` if we die, and we
+    // the end of `ready` if it does.
+    drop((go_r, err_w, ready_w));
+    Ok(Created {
+        pid,
+        // SAFETY: clone3 stored a new pidfd that nothing else owns.
+        pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) },
+        go: go_w,
+        ready: ready_r,
+        errors: err_r,
+    })
+}
+
+/// A process cloned by [`spawn_exec`] into a running container, waiting for
+/// [`Joined::release`].
+#[derive(Debug)]
+pub struct Joined {
+    pub pid: u32,
+    pub pidfd: OwnedFd,
+    go: OwnedFd,
+    errors: OwnedFd,
+}
+
+impl Joined {
+    /// Lets the process exec, and returns once it has, or with its report once it failed.
+    pub fn release(self) -> std::result::Result<OwnedFd, Option<Report>> {
+        // SAFETY: writes one byte from a live stack variable to a pipe we own.
+        let n = unsafe { libc::write(self.go.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+        if n != 1 {
+            return Err(None);
+        }
+        // The error pipe is close-on-exec and blocking: it ends empty at the exec, or
+        // holds the report of the step that failed.
+        match Report::read(self.errors.as_fd()) {
+            None => Ok(self.pidfd),
+            Some(report) => {
+                reap_blocking(&self.pidfd);
+                Err(Some(report))
+            }
+        }
+    }
+}
+
+/// Clones a process into the namespaces `namespaces` (CLONE_NEW* flags) of the running
+/// init behind `init` and into its cgroup, to exec `plan`'s process there with the
+/// caller's stdio, or on a new terminal whose master goes to `console`: runc's `exec`.
+///
+/// Joining a pid namespace takes effect for children only, so a short-lived *joiner*
+/// clone joins, then clones the process with CLONE_PARENT, which makes it the caller's
+/// child: the caller can wait for it, or exit and leave it to its subreaper.
+pub fn spawn_exec(
+    plan: &Plan,
+    init: BorrowedFd<'_>,
+    namespaces: libc::c_int,
+    cgroup_dir: Option<BorrowedFd<'_>>,
+    preserve_fds: u32,
+    console: Option<BorrowedFd<'_>>,
+) -> Result<Joined> {
+    let (go_r, go_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (info_r, info_w) = pipe()?;
+    let fds = ChildFds {
+        go: go_r.as_raw_fd(),
+        err: err_w.as_raw_fd(),
+        stdin: -1,
+        out: -1,
+        ready: -1,
+        fifo: -1,
+        preserve: preserve_fds,
+        console: console.map_or(-1, |fd| fd.as_raw_fd()),
+        hold_before_pivot: false,
+    };
+    let join = JoinFds {
+        init: init.as_raw_fd(),
+        namespaces,
+        cgroup: cgroup_dir.map_or(-1, |fd| fd.as_raw_fd()),
+        info: info_w.as_raw_fd(),
+    };
+    let mut pidfd: libc::c_int = -1;
+    // SAFETY: clone_args is a plain C struct; all-zero is its documented default.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = libc::CLONE_PIDFD as u64;
+    args.pidfd = &mut pidfd as *mut libc::c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    // SAFETY: as in `spawn`; the joiner runs only `joiner`, which never returns.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>(),
+        )
+    };
+    if ret == 0 {
+        // SAFETY: we are the freshly cloned joiner.
+        unsafe { joiner(plan, &fds, &join) }
+    }
+    if ret < 0 {
+        return Err(os("clone a process to join the container")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: clone3 stored a new pidfd that nothing else owns.
+    let joiner_pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
+    drop((go_r, err_w, info_w));
+    let pid = read_init_pid(&info_r);
+    reap_blocking(&joiner_pidfd);
+    let pid = pid.map_err(|e| match e {
+        Error::Os { source, .. } => os("join the container's namespaces")(source),
+        other => other,
+    })?;
+    // Our child, waiting for `go`: its pid cannot be reused before we reap it.
+    let pidfd = pidfd_open(pid).map_err(os(format!("open a pidfd for process {pid}")))?;
+    Ok(Joined {
+        pid,
+        pidfd,
+        go: go_w,
+        errors: err_r,
+    })
+}
+
+/// What the joiner of [`spawn_exec`] needs besides the process's descriptors.
+struct JoinFds {
+    init: RawFd,
+    namespaces: libc::c_int,
+    cgroup: RawFd,
+    info: RawFd,
+}
+
+/// The joiner: joins the container's namespaces, clones the process as its parent's
+/// child, reports its pid (or the failing errno, negated) and exits.
+///
+/// # Safety
+/// Must only run in the joiner cloned by [`spawn_exec`], once.
+unsafe fn joiner(plan: &Plan, fds: &ChildFds, j: &JoinFds) -> ! {
+    // SAFETY: raw syscalls on the plan, the descriptors and the stack only.
+    unsafe {
+        close_all_but(plan, fds, &[j.init, j.cgroup, j.info]);
+        let word: i32 = if libc::setns(j.init, j.namespaces) != 0 {
+            -*libc::__errno_location()
+        } else {
+            let mut args: libc::clone_args = std::mem::zeroed();
+            args.flags = libc::CLONE_PARENT as u64;
+            if j.cgroup >= 0 {
+                args.flags |= CLONE_INTO_CGROUP;
+                args.cgroup = j.cgroup as u64;
+            }
+            let ret = libc::syscall(
+                libc::SYS_clone3,
+                &args as *const libc::clone_args,
+                std::mem::size_of::<libc::clone_args>(),
+            );
+            if ret == 0 {
+                libc::close(j.info);
+                libc::close(j.init);
+                let mut byte = 0u8;
+                if libc::read(fds.go, (&mut byte as *mut u8).cast(), 1) != 1 {
+                    libc::_exit(127);
+                }
+                enter(plan, fds)
+            }
+            if ret < 0 {
+                -*libc::__errno_location()
+            } else {
+                ret as i32
+            }
+        };
+        libc::write(j.info, (&word as *const i32).cast(), 4);
+        libc::_exit(0)
+    }
+}
+
 /// What the keeper reports right after cloning the init: its pid, or the clone's errno.
 fn read_init_pid(info: &OwnedFd) -> Result<u32> {
     let mut word = [0u8; 4];
@@ -1430,10 +1727,27 @@ const CLONE_INTO_CGROUP: u64 = 0x200000000;
 struct ChildFds {
     go: RawFd,
     err: RawFd,
+    /// -1 to keep the inherited stdin.
     stdin: RawFd,
     /// -1 to keep the inherited stdout and stderr.
     out: RawFd,
+    /// Where a direct init says its setup is done (-1: not a direct init).
+    ready: RawFd,
+    /// The exec FIFO, opened `O_PATH`, that a direct init waits on (-1: none).
+    fifo: RawFd,
+    /// Descriptors 3 to 3+preserve-1 go to the container as they are.
+    preserve: u32,
+    /// A socket to send the master of a new terminal to, which becomes the process's
+    /// stdio and controlling terminal (-1: none).
+    console: RawFd,
+    /// Say [`MOUNTED`] on `ready` and wait on `go` once more before the root is switched.
+    hold_before_pivot: bool,
 }
+
+/// What a direct init says on its ready pipe: its mounts are done (when held there).
+const MOUNTED: u8 = 2;
+/// Its whole setup is done; it waits on the exec FIFO.
+const READY: u8 = 1;
 
 /// The keeper's own descriptors (-1: none).
 #[derive(Clone, Copy)]
@@ -1585,11 +1899,7 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         // other threads are reading to their end (a helper command's output, say). Keeping
         // those while we wait below would stall their readers, and they may be what our
         // release waits for. So drop all but our own at once.
-        close_all_but(
-            [fds.go, fds.err, fds.stdin, fds.out]
-                .into_iter()
-                .chain(plan.joins.iter().map(|(fd, _)| fd.as_raw_fd())),
-        );
+        close_all_but(plan, fds, &[]);
 
         // Wait for the parent: it puts us in our cgroup and wires our network meanwhile.
         let mut byte = 0u8;
@@ -1599,6 +1909,10 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
         }
 
         for (i, (fd, nstype)) in plan.joins.iter().enumerate() {
+            // A pid namespace was joined for us before the clone (see spawn_direct).
+            if *nstype == libc::CLONE_NEWPID {
+                continue;
+            }
             if libc::setns(fd.as_raw_fd(), *nstype) != 0 {
                 fail(fds, Step::Join, i);
             }
@@ -1742,6 +2056,17 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             libc::close(dev_dir);
         }
 
+        if fds.hold_before_pivot {
+            // The mounts are in place: `create` runs the createContainer hooks in our mount
+            // namespace now, and lets us go on when they are done.
+            let mut byte = 0u8;
+            if libc::write(fds.ready, [MOUNTED].as_ptr().cast(), 1) != 1
+                || libc::read(fds.go, (&mut byte as *mut u8).cast(), 1) != 1
+            {
+                libc::_exit(127);
+            }
+        }
+
         // Swap roots: the old root ends up stacked on the new one and is then detached,
         // which avoids needing a writable directory in the rootfs to hold it.
         if libc::fchdir(root) != 0
@@ -1853,14 +2178,47 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             fail(fds, Step::RemountRoot, 0);
         }
 
+        enter(plan, fds)
+    }
+}
+
+/// The end of the init's setup, and all of an exec'd process's: from its own session and
+/// limits to the exec, in the container's namespaces and root.
+///
+/// # Safety
+/// Only for the cloned init or exec'd process, once.
+unsafe fn enter(plan: &Plan, fds: &ChildFds) -> ! {
+    // SAFETY: everything below is a raw syscall on memory the plan owns or on the stack.
+    unsafe {
         // Its own session, so no terminal of the host's is its controlling terminal.
         if libc::setsid() < 0 {
             fail(fds, Step::Setsid, 0);
+        }
+        if fds.console >= 0 {
+            open_terminal(fds);
         }
         for (i, (resource, limit)) in plan.rlimits.iter().enumerate() {
             if libc::setrlimit(*resource as libc::__rlimit_resource_t, limit) != 0 {
                 fail(fds, Step::Rlimit, i);
             }
+        }
+
+        if fds.fifo >= 0 {
+            // The setup is done: `create` may return. Then wait for `start`, which opens
+            // the FIFO for reading and reads the byte written here, as runc's init does.
+            // Through /proc/self/fd because the FIFO's path is outside our root now, and
+            // before the change of user, after which /proc/self/fd is no longer ours.
+            libc::write(fds.ready, [READY].as_ptr().cast(), 1);
+            libc::close(fds.ready);
+            let fifo = libc::open(
+                FdPath::new(fds.fifo).as_ptr(),
+                libc::O_WRONLY | libc::O_CLOEXEC,
+            );
+            if fifo < 0 || libc::write(fifo, [0u8].as_ptr().cast(), 1) != 1 {
+                fail(fds, Step::ExecFifo, 0);
+            }
+            libc::close(fifo);
+            libc::close(fds.fifo);
         }
 
         // Drop bounding capabilities while we still hold CAP_SETPCAP.
@@ -1914,18 +2272,22 @@ unsafe fn child(plan: &Plan, fds: &ChildFds) -> ! {
             }
         }
 
-        if libc::dup2(fds.stdin, 0) < 0 {
+        if fds.stdin >= 0 && libc::dup2(fds.stdin, 0) < 0 {
             fail(fds, Step::Stdio, 0);
         }
         if fds.out >= 0 && (libc::dup2(fds.out, 1) < 0 || libc::dup2(fds.out, 2) < 0) {
             fail(fds, Step::Stdio, 1);
         }
-        // Every descriptor of the runtime beyond stdio closes at exec, whatever its flags.
+        // Every descriptor of the runtime beyond stdio and those passed on closes at exec,
+        // whatever its flags; those passed on stay open, whatever theirs.
         libc::close_range(
-            3,
+            3 + fds.preserve,
             libc::c_uint::MAX,
             libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
         );
+        for fd in 3..3 + fds.preserve as RawFd {
+            libc::fcntl(fd, libc::F_SETFD, 0);
+        }
 
         // As late as possible, so the profile need not allow what the runtime does.
         if plan.no_new_privs {
@@ -1999,24 +2361,39 @@ unsafe fn runs_runtime(path: *const libc::c_char, exe: (u64, u64), depth: u32) -
     }
 }
 
-/// Closes every descriptor above stdio except those in `keep`. Raw syscalls and no
-/// allocation, so that both the init and the keeper may use it.
+/// Closes every descriptor above stdio (and those passed on) except the child's, those of
+/// the namespaces it joins, and `extra`. Raw syscalls and no allocation, so that the init,
+/// the keeper and the joiner may all use it.
 ///
 /// # Safety
-/// Only for the cloned init or keeper.
-unsafe fn close_all_but(keep: impl IntoIterator<Item = RawFd>) {
-    let mut sorted = [0 as RawFd; 24];
+/// Only for the cloned init, keeper or joiner.
+unsafe fn close_all_but(plan: &Plan, fds: &ChildFds, extra: &[RawFd]) {
+    let mut keep = [0 as RawFd; 24];
     let mut n = 0;
-    for fd in keep {
-        if fd > 2 && n < sorted.len() {
-            sorted[n] = fd;
+    let joined = plan.joins.iter().map(|(fd, _)| fd.as_raw_fd());
+    for fd in [
+        fds.go,
+        fds.err,
+        fds.stdin,
+        fds.out,
+        fds.ready,
+        fds.fifo,
+        fds.console,
+    ]
+    .into_iter()
+    .chain(joined)
+    .chain(extra.iter().copied())
+    {
+        if fd > 2 && n < keep.len() {
+            keep[n] = fd;
             n += 1;
         }
     }
-    let sorted = &mut sorted[..n];
-    sorted.sort_unstable();
-    let mut first: u32 = 3;
-    for &fd in sorted.iter() {
+    let keep = &mut keep[..n];
+    keep.sort_unstable();
+    // Descriptors passed on to the process (--preserve-fds) follow stdio.
+    let mut first: u32 = 3 + fds.preserve;
+    for &fd in keep.iter() {
         let fd = fd as u32;
         if fd > first {
             // SAFETY: closing descriptors of our own table.
@@ -2056,15 +2433,13 @@ unsafe fn keeper(plan: &Plan, fds: ChildFds, k: KeeperFds) -> ! {
     for (slot, (fd, _)) in joins.iter_mut().zip(&plan.joins) {
         *slot = fd.as_raw_fd();
     }
-    let clone_flags = plan.clone_flags;
 
     // SAFETY: raw syscalls on descriptors, the stack and (until the report) the plan.
     unsafe {
         close_all_but(
-            [fds.go, fds.err, fds.stdin, fds.out]
-                .into_iter()
-                .chain([k.info, k.ack, k.exit, k.log, k.cgroup, k.state_dir])
-                .chain(joins),
+            plan,
+            &fds,
+            &[k.info, k.ack, k.exit, k.log, k.cgroup, k.state_dir],
         );
         // Out of the runtime's session and process group, and deaf to every signal but
         // SIGKILL: a terminal's ^C, or a signal to the supervisor's group, must not take
@@ -2099,23 +2474,9 @@ unsafe fn keeper(plan: &Plan, fds: ChildFds, k: KeeperFds) -> ! {
         // The init is an ordinary fork-like child: it gets a copy of the memory we share,
         // taken now, while the runtime waits for our report.
         let mut pidfd: libc::c_int = -1;
-        let mut args: libc::clone_args = std::mem::zeroed();
-        args.flags = clone_flags | libc::CLONE_PIDFD as u64;
-        args.pidfd = &mut pidfd as *mut libc::c_int as u64;
-        args.exit_signal = libc::SIGCHLD as u64;
-        if k.cgroup >= 0 {
-            args.flags |= CLONE_INTO_CGROUP;
-            args.cgroup = k.cgroup as u64;
-        }
-        let cloned = raw!(
-            Sysno::clone3,
-            &args as *const libc::clone_args,
-            std::mem::size_of::<libc::clone_args>()
-        );
-        let word: i32 = match cloned {
-            Ok(0) => child(plan, &fds),
+        let word: i32 = match clone_init(plan, &fds, k.cgroup, &mut pidfd) {
             Ok(pid) => pid as i32,
-            Err(errno) => -errno.into_raw(),
+            Err(errno) => -errno,
         };
         // From here on the plan is not ours to read.
         let _ = raw!(Sysno::write, k.info, &word as *const i32, 4);
@@ -2217,6 +2578,104 @@ struct KernelSigaction {
     flags: libc::c_ulong,
     restorer: usize,
     mask: u64,
+}
+
+/// Clones the init into its new namespaces (and into the cgroup `cgroup` unless it is -1),
+/// storing its pidfd in `pidfd`. Returns the init's pid, or the clone's errno. The init runs
+/// [`child`] and never returns here. A raw syscall, so that the keeper may use it.
+///
+/// # Safety
+/// The caller must be a process whose other threads' locks the init will never need: the
+/// keeper, or a runtime that allocates nothing between this and its own use of `plan`.
+unsafe fn clone_init(
+    plan: &Plan,
+    fds: &ChildFds,
+    cgroup: RawFd,
+    pidfd: &mut libc::c_int,
+) -> std::result::Result<u32, i32> {
+    // SAFETY: clone_args is a plain C struct; all-zero is its documented default.
+    let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
+    args.flags = plan.clone_flags | libc::CLONE_PIDFD as u64;
+    args.pidfd = pidfd as *mut libc::c_int as u64;
+    args.exit_signal = libc::SIGCHLD as u64;
+    if cgroup >= 0 {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = cgroup as u64;
+    }
+    // SAFETY: clone3 without CLONE_VM gives the child a copy of our memory, like fork; the
+    // child runs only `child`, which never returns.
+    let cloned = unsafe {
+        raw!(
+            syscalls::Sysno::clone3,
+            &args as *const libc::clone_args,
+            std::mem::size_of::<libc::clone_args>()
+        )
+    };
+    match cloned {
+        // SAFETY: we are the freshly cloned init.
+        Ok(0) => unsafe { child(plan, fds) },
+        Ok(pid) => Ok(pid as u32),
+        Err(errno) => Err(errno.into_raw()),
+    }
+}
+
+/// Makes a terminal in the container's /dev/pts, sends its master over the console socket
+/// (with a name, as runc does: receivers expect a payload) and makes the other end the
+/// process's stdio and controlling terminal.
+///
+/// # Safety
+/// Only for the cloned init or exec'd process, in its own new session.
+unsafe fn open_terminal(fds: &ChildFds) {
+    // SAFETY: raw syscalls on our descriptors and on buffers on the stack.
+    unsafe {
+        let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+        let master = libc::open(c"/dev/ptmx".as_ptr(), flags);
+        let unlock: libc::c_int = 0;
+        if master < 0 || libc::ioctl(master, libc::TIOCSPTLCK, &unlock) != 0 {
+            fail(fds, Step::Terminal, 0);
+        }
+        let peer = libc::ioctl(master, libc::TIOCGPTPEER, flags);
+        if peer < 0 {
+            fail(fds, Step::Terminal, 1);
+        }
+        let name = b"/dev/ptmx";
+        let mut iov = libc::iovec {
+            iov_base: name.as_ptr() as *mut libc::c_void,
+            iov_len: name.len(),
+        };
+        // Room for one descriptor's control message, aligned as cmsghdr needs.
+        let mut control = [0u64; 4];
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(4) as usize;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(4) as usize;
+        std::ptr::copy_nonoverlapping(
+            (&master as *const libc::c_int).cast::<u8>(),
+            libc::CMSG_DATA(cmsg),
+            4,
+        );
+        if libc::sendmsg(fds.console, &msg, 0) < 0 {
+            fail(fds, Step::Terminal, 2);
+        }
+        libc::close(master);
+        libc::close(fds.console);
+        if libc::ioctl(peer, libc::TIOCSCTTY, 0) != 0 {
+            fail(fds, Step::Terminal, 3);
+        }
+        for target in 0..3 {
+            if libc::dup2(peer, target) < 0 {
+                fail(fds, Step::Terminal, 4);
+            }
+        }
+        if peer > 2 {
+            libc::close(peer);
+        }
+    }
 }
 
 /// Sets `nodev` on the mount `fd` refers to and on every mount below it.
@@ -2357,7 +2816,7 @@ mod tests {
 
     #[test]
     fn steps_round_trip() {
-        for n in 0..30u32 {
+        for n in 0..32u32 {
             assert_eq!(Step::from(n) as u32, n);
         }
     }
