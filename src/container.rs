@@ -215,10 +215,10 @@ impl Made {
     async fn undo(self, container: &Container) {
         // The veth goes first, while the still-living init holds its name (see Run::netns).
         if let Some(link) = &self.link {
-            unconfine(link).await;
             if let Err(e) = network::detach(link).await {
                 warn!(error = %e, "failed to remove the veth of a failed start");
             }
+            unconfine().await;
         }
         if let Some(init) = &self.init {
             let _ = monitor::send_signal(init.pidfd.get_ref(), libc::SIGKILL);
@@ -347,9 +347,9 @@ impl Container {
         if let Some((link, ifindex)) = &record.link
             && firewall::interface_index(&link.host_if) == Some(*ifindex)
         {
-            let removed =
-                firewall::remove(&link.host_if).and_then(|()| firewall::delete_veth(link));
-            if let Err(e) = removed {
+            // The runtime collects the firewall state of host ends that are gone once every
+            // container is recovered.
+            if let Err(e) = firewall::delete_veth(link) {
                 warn!(container = %container.inner.id, error = %e, "failed to remove network");
             }
         }
@@ -923,13 +923,15 @@ impl Run {
             .and_then(|(errors, plan)| Report::read(errors.as_fd()).map(|r| plan.describe(&r)));
         let oom_killed = self.cgroup.oom_killed();
 
-        if let Some(link) = &self.link {
-            unconfine(link).await;
-            if let Err(e) = network::detach(link).await {
-                warn!(error = %e, "failed to remove veth");
-            }
+        if let Some(link) = &self.link
+            && let Err(e) = network::detach(link).await
+        {
+            warn!(error = %e, "failed to remove veth");
         }
         drop(self.netns);
+        if self.link.is_some() {
+            unconfine().await;
+        }
         let cgroup = self.cgroup;
         let removed = tokio::task::spawn_blocking(move || {
             cgroup.kill_all()?;
@@ -988,11 +990,16 @@ impl Run {
     }
 }
 
-/// Drops the firewall state of `link`'s host end. A failure is only logged: missing state
-/// means less access, and the next firewall change or runtime start collects what is left.
-async fn unconfine(link: &Link) {
-    let host_if = link.host_if.clone();
-    let removed = tokio::task::spawn_blocking(move || firewall::remove(&host_if)).await;
+/// Drops the firewall state of host ends that are gone, once a container's veth is deleted.
+///
+/// Only state of interfaces that no longer exist is touched: the veth's name is free from
+/// the moment it is deleted, and a new container may already hold it with a policy of its
+/// own. The veth must go first for another reason: the table goes with the last host end, and
+/// a teardown that still saw another one, about to be deleted, would leave it. A failure is
+/// only logged: missing state means less access, and the next firewall change or runtime
+/// start collects what is left.
+async fn unconfine() {
+    let removed = tokio::task::spawn_blocking(firewall::collect_garbage).await;
     if let Ok(Err(e)) = removed {
         warn!(error = %e, "failed to remove the container's firewall state");
     }
