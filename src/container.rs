@@ -123,7 +123,8 @@ pub(crate) enum State {
         address: Option<IpAddr>,
         started_at: SystemTime,
     },
-    /// The init has exited; its cgroup and network are being torn down.
+    /// The init has exited; what it left running is being killed and its log read to the
+    /// end. (The teardown that follows the published exit is tracked by `Inner::settled`.)
     Stopping,
     Exited(Arc<Outcome>),
 }
@@ -143,6 +144,9 @@ pub(crate) struct Inner {
     owner: StdMutex<Option<state::Owner>>,
     life: Mutex<Option<Life>>,
     state: watch::Sender<State>,
+    /// False from a start until the run's teardown is done: its exit may be published
+    /// (`state`) while its cgroup and network are still being removed.
+    settled: watch::Sender<bool>,
 }
 
 /// A handle on one container. Clones share the container.
@@ -252,6 +256,7 @@ impl Container {
                 owner: StdMutex::new(None),
                 life: Mutex::new(None),
                 state: watch::Sender::new(State::NeverStarted),
+                settled: watch::Sender::new(true),
             }),
         }
     }
@@ -439,6 +444,7 @@ impl Container {
             .life
             .try_lock()
             .expect("nothing else has this new container yet") = Some(life);
+        self.inner.settled.send_replace(false);
         self.inner.state.send_replace(State::Running {
             pid,
             address,
@@ -496,7 +502,7 @@ impl Container {
                 return Err(Error::AlreadyRunning(self.inner.id.clone()));
             }
             // A previous run may still be tearing down; its names must be free first.
-            self.wait_exited().await;
+            self.wait_settled().await;
 
             let mut made = Made::default();
             match self.try_start(&opts, &mut made).await {
@@ -685,6 +691,7 @@ impl Container {
             record,
         };
         *made = Made::default();
+        self.inner.settled.send_replace(false);
         self.inner.state.send_replace(State::Running {
             pid,
             address,
@@ -803,8 +810,9 @@ impl Container {
                 {
                     warn!(error = %e, "failed to kill init");
                 }
-                self.wait_exited().await;
             }
+            // Also when the init had exited by itself: its teardown may still be going on.
+            self.wait_settled().await;
             drop(life);
             let dir = self.state_dir();
             if dir.exists() {
@@ -826,11 +834,10 @@ impl Container {
         .await
     }
 
-    async fn wait_exited(&self) {
-        let mut rx = self.inner.state.subscribe();
-        let _ = rx
-            .wait_for(|s| !matches!(s, State::Running { .. } | State::Stopping))
-            .await;
+    /// Waits until the current (or last) run has exited and is torn down.
+    async fn wait_settled(&self) {
+        let mut rx = self.inner.settled.subscribe();
+        let _ = rx.wait_for(|settled| *settled).await;
     }
 
     /// Waits for the current (or last) run to end: Ok on exit 0 or destroy without a
@@ -909,7 +916,12 @@ struct Run {
 }
 
 impl Run {
-    /// Waits for the init to exit, tears the container down, then publishes the outcome.
+    /// Waits for the init to exit, publishes the outcome, then tears the container down.
+    ///
+    /// The outcome is published as soon as it is known: the exit status, the OOM flag (read
+    /// before the cgroup goes) and the whole log. The rest (firewall state, veth, cgroup)
+    /// is the container's remains, which only a new start of the same id and `destroy` must
+    /// wait for: they wait for `settled`, set once all of it is gone and recorded.
     async fn supervise(mut self) {
         let inner = &self.container.inner;
         let state_dir = self.container.state_dir();
@@ -923,24 +935,18 @@ impl Run {
             .and_then(|(errors, plan)| Report::read(errors.as_fd()).map(|r| plan.describe(&r)));
         let oom_killed = self.cgroup.oom_killed();
 
-        if let Some(link) = &self.link
-            && let Err(e) = network::detach(link).await
-        {
-            warn!(error = %e, "failed to remove veth");
-        }
-        drop(self.netns);
-        if self.link.is_some() {
-            unconfine().await;
-        }
-        let cgroup = self.cgroup;
-        let removed = tokio::task::spawn_blocking(move || {
-            cgroup.kill_all()?;
-            cgroup.remove()
-        })
-        .await
-        .expect("cgroup removal does not panic");
-        if let Err(e) = removed {
-            warn!(error = %e, "failed to remove cgroup");
+        // What the init left running (without a pid namespace of its own it may leave
+        // processes behind) still holds the log pipe: the log is whole only once they are
+        // gone.
+        let cgroup = Arc::new(self.cgroup);
+        let killed = {
+            let cgroup = cgroup.clone();
+            tokio::task::spawn_blocking(move || cgroup.kill_all())
+                .await
+                .expect("killing a cgroup does not panic")
+        };
+        if let Err(e) = &killed {
+            warn!(error = %e, "failed to kill what is left in the cgroup");
         }
         if let Some(task) = self.log_task {
             // Every writer is dead now, so the drain ends at the pipe's end of file.
@@ -981,12 +987,36 @@ impl Run {
             boot_error = outcome.boot_error.as_deref(),
             "container exited"
         );
-        self.record.exited(outcome.clone());
+        inner
+            .state
+            .send_replace(State::Exited(Arc::new(outcome.clone())));
+
+        if let Some(link) = &self.link
+            && let Err(e) = network::detach(link).await
+        {
+            warn!(error = %e, "failed to remove veth");
+        }
+        drop(self.netns);
+        if self.link.is_some() {
+            unconfine().await;
+        }
+        if killed.is_ok() {
+            let removed = tokio::task::spawn_blocking(move || cgroup.remove())
+                .await
+                .expect("cgroup removal does not panic");
+            if let Err(e) = removed {
+                warn!(error = %e, "failed to remove cgroup");
+            }
+        }
+
+        // Only now may the record say that nothing is left to remove.
+        self.record.exited(outcome);
         if let Err(e) = self.record.save(&state_dir) {
             // A later runtime then cleans up again what is already gone: harmless.
             warn!(error = %e, "failed to record the exit");
         }
-        inner.state.send_replace(State::Exited(Arc::new(outcome)));
+        inner.settled.send_replace(true);
+        debug!("container torn down");
     }
 }
 

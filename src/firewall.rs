@@ -97,7 +97,7 @@ pub const HOST_IF_PREFIX: &str = "sl";
 const LAYOUT: &str = "silo firewall layout 2";
 
 /// Serializes changes to the table and to the uplink's forwarding switch between processes.
-const LOCK_PATH: &str = "/run/lock/silo-firewall.lock";
+pub const LOCK_PATH: &str = "/run/lock/silo-firewall.lock";
 
 /// Where cloud platforms put their metadata services: never reachable from a container.
 const LINK_LOCAL: (Ipv4Addr, u8) = (Ipv4Addr::new(169, 254, 0, 0), 16);
