@@ -164,7 +164,7 @@ impl std::fmt::Debug for Container {
 /// What a half-finished start has made, so that a failure can take it all back.
 #[derive(Default)]
 struct Made {
-    cgroup: Option<Cgroup>,
+    cgroup: Option<Arc<Cgroup>>,
     link: Option<Link>,
     init: Option<Init>,
     state_dir: Option<PathBuf>,
@@ -432,7 +432,7 @@ impl Container {
             container: self.clone(),
             init,
             boot: None,
-            cgroup,
+            cgroup: Arc::new(cgroup),
             link,
             netns,
             reason: life.reason.clone(),
@@ -575,7 +575,7 @@ impl Container {
                 .expect("cgroup creation does not panic")?
         };
         let cgroup_dir = cgroup.dir_fd()?;
-        made.cgroup = Some(cgroup);
+        made.cgroup = Some(Arc::new(cgroup));
         fault::point("start:cgroup");
 
         let (output, log_reader) = match opts.stdio {
@@ -616,40 +616,27 @@ impl Container {
         debug!(pid, keeper = child.keeper_pid, "init cloned");
         fault::point("start:spawn");
 
-        let cgroup = made.cgroup.as_ref().expect("set above");
-        if cgroup_dir.is_none() {
-            cgroup.add(pid)?;
-        }
-        let mut netns = None;
-        let address = if plan.new_network() {
-            let netns_file = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-                .map_err(io("open the network namespace".into()))?;
-            let link = network::attach(&shared.config.address_pool, netns_file.as_fd()).await?;
-            let addr = IpAddr::V4(link.container_addr);
-            made.link = Some(link.clone());
-            fault::point("start:veth");
-            if let Egress::Internet { .. } = egress {
-                network::add_default_route(netns_file.as_fd(), &link).await?;
+        // Without CLONE_INTO_CGROUP (cgroup v1) the init is moved into its cgroup now. The
+        // first write to a v1 cgroup.procs waits for an RCU grace period (the cgroup
+        // threadgroup semaphore): tens of milliseconds, spent off the executor and while the
+        // network is wired, since the init waits to be released for both.
+        let moved = {
+            let cgroup = made.cgroup.clone().expect("set above");
+            let in_place = cgroup_dir.is_some();
+            async move {
+                if in_place {
+                    return Ok(());
+                }
+                tokio::task::spawn_blocking(move || cgroup.add(pid))
+                    .await
+                    .expect("moving a process into a cgroup does not panic")
             }
-            // Confined before the init is released: it never sends a packet unconfined.
-            let confined = link.clone();
-            tokio::task::spawn_blocking(move || firewall::apply(&confined, &egress))
-                .await
-                .expect("applying the firewall does not panic")?;
-            fault::point("start:firewall");
-            let ifindex = firewall::interface_index(&link.host_if).ok_or_else(|| {
-                io(format!("find interface {}", link.host_if))(std::io::ErrorKind::NotFound.into())
-            })?;
-            record.link = Some((link, ifindex));
-            netns = Some(netns_file);
-            Some(addr)
-        } else if plan.joins_network() {
-            None
-        } else {
-            // No network namespace at all: the container shares the host's network, and
-            // its ports are the host's.
-            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
         };
+        let mut netns = None;
+        let wired = self.wire(&plan, pid, egress, made, &mut netns, &mut record);
+        let (moved, wired) = tokio::join!(moved, wired);
+        let address = wired?;
+        moved?;
 
         let not_running = || io(format!("read the start time of process {pid}"));
         record.phase = Phase::Running;
@@ -703,6 +690,54 @@ impl Container {
                 .instrument(info_span!(parent: None, "monitor", container = %id)),
         );
         Ok(life)
+    }
+
+    /// Gives the init's network namespace its veth and firewall policy, when it has one of
+    /// its own, and returns the address the container's ports answer on.
+    async fn wire(
+        &self,
+        plan: &Plan,
+        pid: u32,
+        egress: Egress,
+        made: &mut Made,
+        netns: &mut Option<std::fs::File>,
+        record: &mut Record,
+    ) -> Result<Option<IpAddr>> {
+        let io = |what: String| {
+            let id = self.inner.id.clone();
+            move |source| Error::Io { id, what, source }
+        };
+        if !plan.new_network() {
+            return Ok(if plan.joins_network() {
+                None
+            } else {
+                // No network namespace at all: the container shares the host's network, and
+                // its ports are the host's.
+                Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            });
+        }
+        let netns_file = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+            .map_err(io("open the network namespace".into()))?;
+        let link =
+            network::attach(&self.inner.shared.config.address_pool, netns_file.as_fd()).await?;
+        let addr = IpAddr::V4(link.container_addr);
+        made.link = Some(link.clone());
+        fault::point("start:veth");
+        if let Egress::Internet { .. } = egress {
+            network::add_default_route(netns_file.as_fd(), &link).await?;
+        }
+        // Confined before the init is released: it never sends a packet unconfined.
+        let confined = link.clone();
+        tokio::task::spawn_blocking(move || firewall::apply(&confined, &egress))
+            .await
+            .expect("applying the firewall does not panic")?;
+        fault::point("start:firewall");
+        let ifindex = firewall::interface_index(&link.host_if).ok_or_else(|| {
+            io(format!("find interface {}", link.host_if))(std::io::ErrorKind::NotFound.into())
+        })?;
+        record.link = Some((link, ifindex));
+        *netns = Some(netns_file);
+        Ok(Some(addr))
     }
 
     /// What the container may reach, and the mounts that go with it: with internet, an
@@ -904,7 +939,7 @@ struct Run {
     init: Init,
     /// The error pipe and the plan that explains its reports; `None` when adopted.
     boot: Option<(OwnedFd, Plan)>,
-    cgroup: Cgroup,
+    cgroup: Arc<Cgroup>,
     link: Option<Link>,
     /// Holds the network namespace, and with it the veth pair, until `link` is detached:
     /// otherwise the kernel could free the pair's name when the init exits, hand it to a
@@ -938,7 +973,7 @@ impl Run {
         // What the init left running (without a pid namespace of its own it may leave
         // processes behind) still holds the log pipe: the log is whole only once they are
         // gone.
-        let cgroup = Arc::new(self.cgroup);
+        let cgroup = self.cgroup;
         let killed = {
             let cgroup = cgroup.clone();
             tokio::task::spawn_blocking(move || cgroup.kill_all())
