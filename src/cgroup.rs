@@ -283,6 +283,11 @@ impl Cgroup {
         if self.layout == Layout::V2 && self.group.kill().is_ok() {
             return self.wait_empty();
         }
+        // An empty cgroup stays empty: nothing in it is left to fork. This is the common case
+        // once an init with a pid namespace of its own has exited, and it spares a freeze.
+        if self.procs().is_empty() {
+            return Ok(());
+        }
         // v1 has no cgroup.kill: freeze first so nothing forks between reading the list
         // and killing it, kill everything, then thaw so the kill can be delivered.
         let freezer = self

@@ -125,7 +125,8 @@ pub(crate) enum State {
         address: Option<IpAddr>,
         started_at: SystemTime,
     },
-    /// The init has exited; its cgroup and network are being torn down.
+    /// The init has exited; what it left running is being killed and its log read to the
+    /// end. (The teardown that follows the published exit is tracked by `Inner::settled`.)
     Stopping,
     Exited(Arc<Outcome>),
 }
@@ -145,6 +146,9 @@ pub(crate) struct Inner {
     owner: StdMutex<Option<state::Owner>>,
     life: Mutex<Option<Life>>,
     state: watch::Sender<State>,
+    /// False from a start until the run's teardown is done: its exit may be published
+    /// (`state`) while its cgroup and network are still being removed.
+    settled: watch::Sender<bool>,
 }
 
 /// A handle on one container. Clones share the container.
@@ -162,7 +166,7 @@ impl std::fmt::Debug for Container {
 /// What a half-finished start has made, so that a failure can take it all back.
 #[derive(Default)]
 struct Made {
-    cgroup: Option<Cgroup>,
+    cgroup: Option<Arc<Cgroup>>,
     link: Option<Link>,
     init: Option<Init>,
     state_dir: Option<PathBuf>,
@@ -226,10 +230,10 @@ impl Made {
     async fn undo(self, container: &Container) {
         // The veth goes first, while the still-living init holds its name (see Run::netns).
         if let Some(link) = &self.link {
-            unconfine(link).await;
             if let Err(e) = network::detach(link).await {
                 warn!(error = %e, "failed to remove the veth of a failed start");
             }
+            unconfine().await;
         }
         if let Some(init) = &self.init {
             let _ = monitor::send_signal(init.pidfd.get_ref(), libc::SIGKILL);
@@ -263,6 +267,7 @@ impl Container {
                 owner: StdMutex::new(None),
                 life: Mutex::new(None),
                 state: watch::Sender::new(State::NeverStarted),
+                settled: watch::Sender::new(true),
             }),
         }
     }
@@ -359,9 +364,9 @@ impl Container {
         if let Some((link, ifindex)) = &record.link
             && firewall::interface_index(&link.host_if) == Some(*ifindex)
         {
-            let removed =
-                firewall::remove(&link.host_if).and_then(|()| firewall::delete_veth(link));
-            if let Err(e) = removed {
+            // The runtime collects the firewall state of host ends that are gone once every
+            // container is recovered.
+            if let Err(e) = firewall::delete_veth(link) {
                 warn!(container = %container.inner.id, error = %e, "failed to remove network");
             }
         }
@@ -450,7 +455,7 @@ impl Container {
             container: self.clone(),
             init,
             boot: None,
-            cgroup,
+            cgroup: Arc::new(cgroup),
             link,
             netns,
             reason: life.reason.clone(),
@@ -462,6 +467,7 @@ impl Container {
             .life
             .try_lock()
             .expect("nothing else has this new container yet") = Some(life);
+        self.inner.settled.send_replace(false);
         self.inner.state.send_replace(State::Running {
             pid,
             address,
@@ -519,7 +525,7 @@ impl Container {
                 return Err(Error::AlreadyRunning(self.inner.id.clone()));
             }
             // A previous run may still be tearing down; its names must be free first.
-            self.wait_exited().await;
+            self.wait_settled().await;
 
             let mut made = Made::default();
             match self.try_start(&opts, &mut made).await {
@@ -592,7 +598,7 @@ impl Container {
                 .expect("cgroup creation does not panic")?
         };
         let cgroup_dir = cgroup.dir_fd()?;
-        made.cgroup = Some(cgroup);
+        made.cgroup = Some(Arc::new(cgroup));
         fault::point("start:cgroup");
 
         let (output, log_reader) = match opts.stdio {
@@ -637,40 +643,27 @@ impl Container {
         debug!(pid, keeper = child.keeper_pid, "init cloned");
         fault::point("start:spawn");
 
-        let cgroup = made.cgroup.as_ref().expect("set above");
-        if cgroup_dir.is_none() {
-            cgroup.add(pid)?;
-        }
-        let mut netns = None;
-        let address = if plan.new_network() {
-            let netns_file = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-                .map_err(io("open the network namespace".into()))?;
-            let link = network::attach(&shared.config.address_pool, netns_file.as_fd()).await?;
-            let addr = IpAddr::V4(link.container_addr);
-            made.link = Some(link.clone());
-            fault::point("start:veth");
-            if let Egress::Internet { .. } = egress {
-                network::add_default_route(netns_file.as_fd(), &link).await?;
+        // Without CLONE_INTO_CGROUP (cgroup v1) the init is moved into its cgroup now. The
+        // first write to a v1 cgroup.procs waits for an RCU grace period (the cgroup
+        // threadgroup semaphore): tens of milliseconds, spent off the executor and while the
+        // network is wired, since the init waits to be released for both.
+        let moved = {
+            let cgroup = made.cgroup.clone().expect("set above");
+            let in_place = cgroup_dir.is_some();
+            async move {
+                if in_place {
+                    return Ok(());
+                }
+                tokio::task::spawn_blocking(move || cgroup.add(pid))
+                    .await
+                    .expect("moving a process into a cgroup does not panic")
             }
-            // Confined before the init is released: it never sends a packet unconfined.
-            let confined = link.clone();
-            tokio::task::spawn_blocking(move || firewall::apply(&confined, &egress))
-                .await
-                .expect("applying the firewall does not panic")?;
-            fault::point("start:firewall");
-            let ifindex = firewall::interface_index(&link.host_if).ok_or_else(|| {
-                io(format!("find interface {}", link.host_if))(std::io::ErrorKind::NotFound.into())
-            })?;
-            record.link = Some((link, ifindex));
-            netns = Some(netns_file);
-            Some(addr)
-        } else if plan.joins_network() {
-            None
-        } else {
-            // No network namespace at all: the container shares the host's network, and
-            // its ports are the host's.
-            Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
         };
+        let mut netns = None;
+        let wired = self.wire(&plan, pid, egress, made, &mut netns, &mut record);
+        let (moved, wired) = tokio::join!(moved, wired);
+        let address = wired?;
+        moved?;
 
         // Both wait (the init on `go`, the keeper on the init), so both are there to read.
         let live = |pid: u32| {
@@ -718,6 +711,7 @@ impl Container {
             record,
         };
         *made = Made::default();
+        self.inner.settled.send_replace(false);
         self.inner.state.send_replace(State::Running {
             pid,
             address,
@@ -729,6 +723,54 @@ impl Container {
                 .instrument(info_span!(parent: None, "monitor", container = %id)),
         );
         Ok(life)
+    }
+
+    /// Gives the init's network namespace its veth and firewall policy, when it has one of
+    /// its own, and returns the address the container's ports answer on.
+    async fn wire(
+        &self,
+        plan: &Plan,
+        pid: u32,
+        egress: Egress,
+        made: &mut Made,
+        netns: &mut Option<std::fs::File>,
+        record: &mut Record,
+    ) -> Result<Option<IpAddr>> {
+        let io = |what: String| {
+            let id = self.inner.id.clone();
+            move |source| Error::Io { id, what, source }
+        };
+        if !plan.new_network() {
+            return Ok(if plan.joins_network() {
+                None
+            } else {
+                // No network namespace at all: the container shares the host's network, and
+                // its ports are the host's.
+                Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            });
+        }
+        let netns_file = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+            .map_err(io("open the network namespace".into()))?;
+        let link =
+            network::attach(&self.inner.shared.config.address_pool, netns_file.as_fd()).await?;
+        let addr = IpAddr::V4(link.container_addr);
+        made.link = Some(link.clone());
+        fault::point("start:veth");
+        if let Egress::Internet { .. } = egress {
+            network::add_default_route(netns_file.as_fd(), &link).await?;
+        }
+        // Confined before the init is released: it never sends a packet unconfined.
+        let confined = link.clone();
+        tokio::task::spawn_blocking(move || firewall::apply(&confined, &egress))
+            .await
+            .expect("applying the firewall does not panic")?;
+        fault::point("start:firewall");
+        let ifindex = firewall::interface_index(&link.host_if).ok_or_else(|| {
+            io(format!("find interface {}", link.host_if))(std::io::ErrorKind::NotFound.into())
+        })?;
+        record.link = Some((link, ifindex));
+        *netns = Some(netns_file);
+        Ok(Some(addr))
     }
 
     /// What the container may reach, and the mounts that go with it: with internet, an
@@ -836,8 +878,9 @@ impl Container {
                 {
                     warn!(error = %e, "failed to kill init");
                 }
-                self.wait_exited().await;
             }
+            // Also when the init had exited by itself: its teardown may still be going on.
+            self.wait_settled().await;
             // The run is over: let its pidfd go now rather than when its monitor task gets
             // to it, so that the descriptor is closed once destroy returns.
             if matches!(*self.inner.state.borrow(), State::Exited(_)) {
@@ -864,11 +907,10 @@ impl Container {
         .await
     }
 
-    async fn wait_exited(&self) {
-        let mut rx = self.inner.state.subscribe();
-        let _ = rx
-            .wait_for(|s| !matches!(s, State::Running { .. } | State::Stopping))
-            .await;
+    /// Waits until the current (or last) run has exited and is torn down.
+    async fn wait_settled(&self) {
+        let mut rx = self.inner.settled.subscribe();
+        let _ = rx.wait_for(|settled| *settled).await;
     }
 
     /// Waits for the current (or last) run to end: Ok on exit 0 or destroy without a
@@ -935,7 +977,7 @@ struct Run {
     init: Init,
     /// The error pipe and the plan that explains its reports; `None` when adopted.
     boot: Option<(OwnedFd, Plan)>,
-    cgroup: Cgroup,
+    cgroup: Arc<Cgroup>,
     link: Option<Link>,
     /// Holds the network namespace, and with it the veth pair, until `link` is detached:
     /// otherwise the kernel could free the pair's name when the init exits, hand it to a
@@ -947,7 +989,12 @@ struct Run {
 }
 
 impl Run {
-    /// Waits for the init to exit, tears the container down, then publishes the outcome.
+    /// Waits for the init to exit, publishes the outcome, then tears the container down.
+    ///
+    /// The outcome is published as soon as it is known: the exit status, the OOM flag (read
+    /// before the cgroup goes) and the whole log. The rest (firewall state, veth, cgroup)
+    /// is the container's remains, which only a new start of the same id and `destroy` must
+    /// wait for: they wait for `settled`, set once all of it is gone and recorded.
     async fn supervise(mut self) {
         let inner = &self.container.inner;
         let state_dir = self.container.state_dir();
@@ -968,22 +1015,18 @@ impl Run {
             .and_then(|(errors, plan)| Report::read(errors.as_fd()).map(|r| plan.describe(&r)));
         let oom_killed = self.cgroup.oom_killed();
 
-        if let Some(link) = &self.link {
-            unconfine(link).await;
-            if let Err(e) = network::detach(link).await {
-                warn!(error = %e, "failed to remove veth");
-            }
-        }
-        drop(self.netns);
+        // What the init left running (without a pid namespace of its own it may leave
+        // processes behind) still holds the log pipe: the log is whole only once they are
+        // gone.
         let cgroup = self.cgroup;
-        let removed = tokio::task::spawn_blocking(move || {
-            cgroup.kill_all()?;
-            cgroup.remove()
-        })
-        .await
-        .expect("cgroup removal does not panic");
-        if let Err(e) = removed {
-            warn!(error = %e, "failed to remove cgroup");
+        let killed = {
+            let cgroup = cgroup.clone();
+            tokio::task::spawn_blocking(move || cgroup.kill_all())
+                .await
+                .expect("killing a cgroup does not panic")
+        };
+        if let Err(e) = &killed {
+            warn!(error = %e, "failed to kill what is left in the cgroup");
         }
         if let Some(task) = self.log_task {
             // Every writer is dead now, so the drain ends at the pipe's end of file.
@@ -1024,12 +1067,36 @@ impl Run {
             boot_error = outcome.boot_error.as_deref(),
             "container exited"
         );
-        self.record.exited(outcome.clone());
+        inner
+            .state
+            .send_replace(State::Exited(Arc::new(outcome.clone())));
+
+        if let Some(link) = &self.link
+            && let Err(e) = network::detach(link).await
+        {
+            warn!(error = %e, "failed to remove veth");
+        }
+        drop(self.netns);
+        if self.link.is_some() {
+            unconfine().await;
+        }
+        if killed.is_ok() {
+            let removed = tokio::task::spawn_blocking(move || cgroup.remove())
+                .await
+                .expect("cgroup removal does not panic");
+            if let Err(e) = removed {
+                warn!(error = %e, "failed to remove cgroup");
+            }
+        }
+
+        // Only now may the record say that nothing is left to remove.
+        self.record.exited(outcome);
         if let Err(e) = self.record.save(&state_dir) {
             // A later runtime then cleans up again what is already gone: harmless.
             warn!(error = %e, "failed to record the exit");
         }
-        inner.state.send_replace(State::Exited(Arc::new(outcome)));
+        inner.settled.send_replace(true);
+        debug!("container torn down");
 
         // Without this, a container that ran once would hold a descriptor for as long as
         // its handle lives (the runtime keeps every handle). A start since then has put a
@@ -1044,11 +1111,16 @@ impl Run {
     }
 }
 
-/// Drops the firewall state of `link`'s host end. A failure is only logged: missing state
-/// means less access, and the next firewall change or runtime start collects what is left.
-async fn unconfine(link: &Link) {
-    let host_if = link.host_if.clone();
-    let removed = tokio::task::spawn_blocking(move || firewall::remove(&host_if)).await;
+/// Drops the firewall state of host ends that are gone, once a container's veth is deleted.
+///
+/// Only state of interfaces that no longer exist is touched: the veth's name is free from
+/// the moment it is deleted, and a new container may already hold it with a policy of its
+/// own. The veth must go first for another reason: the table goes with the last host end, and
+/// a teardown that still saw another one, about to be deleted, would leave it. A failure is
+/// only logged: missing state means less access, and the next firewall change or runtime
+/// start collects what is left.
+async fn unconfine() {
+    let removed = tokio::task::spawn_blocking(firewall::collect_garbage).await;
     if let Ok(Err(e)) = removed {
         warn!(error = %e, "failed to remove the container's firewall state");
     }

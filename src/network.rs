@@ -159,6 +159,15 @@ pub fn host_if_name(container_addr: Ipv4Addr) -> String {
     format!("sl{:08x}", u32::from(container_addr))
 }
 
+/// Whether `name` has the form of a host end's name (see [`host_if_name`]).
+pub fn is_host_if_name(name: &str) -> bool {
+    name.len() == 10
+        && name.starts_with("sl")
+        && name[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Where to start scanning the pool. Several runtimes starting at slot 0 would all collide on
 /// the same first slots and pay one failed create per container already running; a start
 /// spread by time and pid avoids that. It need not be unpredictable, only spread out.
@@ -573,6 +582,23 @@ mod tests {
             let below = Ipv4Addr::from(u32::from(p.base()) - 1);
             let above = Ipv4Addr::from(u32::from(p.slot(p.slot_count() - 1).1) + 1);
             assert!(!p.contains(below) && !p.contains(above), "{s}");
+        }
+    }
+
+    #[test]
+    fn host_if_names_are_recognised() {
+        assert!(is_host_if_name(&host_if_name(Ipv4Addr::new(
+            10, 209, 255, 255
+        ))));
+        for other in [
+            "sl",
+            "slip0",
+            "sl0ad1000g",
+            "sl0AD10001",
+            "eth0",
+            "sl0ad100012",
+        ] {
+            assert!(!is_host_if_name(other), "{other}");
         }
     }
 

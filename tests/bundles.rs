@@ -229,7 +229,9 @@ async fn podman_config_runs_with_its_seccomp_profile() {
         // Podman leaves noNewPrivileges out; silo's default for that is on.
         assert!(out.contains("NoNewPrivs:\t1"), "{out}");
         assert!(out.contains("Seccomp:\t2"), "{out}");
-        // The bundle's nested cgroupsPath went below /silo and is gone with the container.
+        // The bundle's nested cgroupsPath went below /silo and is gone with the container:
+        // once destroy returns (monitor reports the exit before the teardown is done).
+        c.destroy(None).await.unwrap();
         for ctrl in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
             let dir = ctrl.path().join("silo/libpod_parent");
             assert!(!dir.exists(), "{} left behind", dir.display());

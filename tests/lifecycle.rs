@@ -189,6 +189,48 @@ async fn destroy_with_and_without_a_reason() {
 }
 
 #[tokio::test]
+async fn monitor_reports_an_exit_before_the_teardown_and_destroy_waits_for_it() {
+    run("settle", |h| async move {
+        let c = h.start("settle", &["/bin/testprog", "sleep"]).await;
+        // The teardown removes the container's firewall state under the firewall's lock:
+        // while this test holds it, the teardown cannot finish.
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(silo::firewall::LOCK_PATH)
+            .unwrap();
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .unwrap();
+        c.signal(libc::SIGKILL).await.unwrap();
+        let exit = tokio::time::timeout(Duration::from_secs(10), c.monitor())
+            .await
+            .expect("monitor reports the exit without waiting for the teardown");
+        assert!(matches!(exit, Err(Error::Exit(e)) if e.code == 137));
+        assert!(!c.running());
+
+        let destroy = tokio::spawn({
+            let c = c.clone();
+            async move { c.destroy(None).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !destroy.is_finished(),
+            "destroy returned while the teardown was still going on"
+        );
+        drop(lock);
+        tokio::time::timeout(Duration::from_secs(20), destroy)
+            .await
+            .expect("destroy returns once the teardown is done")
+            .unwrap()
+            .unwrap();
+        // The harness checks that nothing of it is left.
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn destroy_kills_every_process_of_the_container() {
     run("tree", |h| async move {
         let c = h

@@ -61,6 +61,11 @@ fn the_allow_list_admits_what_it_names_and_the_table_is_idempotent() {
 }
 
 #[test]
+fn a_table_removed_behind_silos_back_is_made_again_for_the_next_container() {
+    in_lab("stale", |lab| lab.run("inner_table_removed_behind_silo"));
+}
+
+#[test]
 fn a_runtime_started_after_a_crash_removes_what_dead_containers_left() {
     in_lab("crash", |lab| {
         // The first runtime starts two containers and then is killed, its containers with
@@ -744,6 +749,40 @@ fn inner_internet_off() {
             0,
             "the host's server was reached"
         );
+        stop.store(true, Ordering::SeqCst);
+        w.assert_clean();
+    });
+}
+
+#[test]
+#[ignore = "run by the outer tests inside a lab"]
+fn inner_table_removed_behind_silo() {
+    let Some(w) = world(Some(UPLINK)) else { return };
+    scenario(&w, async {
+        let (hits, stop) = host_server();
+        // The runtime now holds the table in memory: a start without internet has nothing
+        // to change in it.
+        let a = w.start("a", w.opts("exec /bin/testprog sleep")).await;
+        assert!(nft(&["list", "tables"]).contains("silo"));
+        // Someone else removes it. What the runtime remembers is stale now.
+        nft(&["delete", "table", "inet", "silo"]);
+        let script = format!(
+            "{PROBE}{GATEWAY}probe http://$gw:{HOST_PORT}/; echo probes done; \
+             exec /bin/testprog sleep"
+        );
+        let b = w.start("b", w.opts(&script)).await;
+        let log = wait_for_log(&b, "probes done").await;
+        assert!(log.contains(" rc=1"), "the host was reached: {log}");
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            0,
+            "a container reached the host's server"
+        );
+        let table = nft(&["list", "table", "inet", "silo"]);
+        assert!(table.contains("sl*"), "{table}");
+        for c in [a, b] {
+            c.destroy(None).await.unwrap();
+        }
         stop.store(true, Ordering::SeqCst);
         w.assert_clean();
     });

@@ -19,10 +19,12 @@ async fn an_init_that_exits_takes_its_children_with_it() {
             .await;
         let cgroup_procs = format!("/sys/fs/cgroup/pids/silo/{}/cgroup.procs", c.id());
         assert_eq!(exit_code(&c).await, 1);
-        // Reported once, and the rest of the container is gone by then.
+        // Reported once, and every process of the container is gone by then. (The empty
+        // cgroup itself may still be being removed: destroy waits for that.)
+        let left = std::fs::read_to_string(&cgroup_procs).unwrap_or_default();
         assert!(
-            std::fs::read_to_string(&cgroup_procs).is_err(),
-            "the cgroup outlived the container"
+            left.trim().is_empty(),
+            "processes outlived the init: {left}"
         );
         assert!(!c.running());
         assert_eq!(exit_code(&c).await, 1);
