@@ -8,7 +8,7 @@
 //! container's.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use tokio::io::unix::AsyncFd;
 
@@ -189,6 +189,36 @@ impl std::fmt::Display for Exit {
 /// Waits until the process behind `pidfd` has exited. It need not be our child.
 pub async fn exited(pidfd: &AsyncFd<OwnedFd>) -> io::Result<()> {
     pidfd.readable().await.map(|_| ())
+}
+
+/// Waits, blocking the thread, until the process behind `pidfd`, a child of ours, exits,
+/// and reaps it.
+pub fn wait_blocking(pidfd: BorrowedFd<'_>) -> io::Result<ExitStatus> {
+    // SAFETY: siginfo_t is plain data; zero is a valid value and waitid fills it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waitid on a pidfd the caller holds, into a live siginfo_t.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PIDFD,
+                pidfd.as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED,
+            )
+        };
+        if r == 0 {
+            // SAFETY: waitid succeeded, so si_status is set.
+            let status = unsafe { info.si_status() };
+            return Ok(match info.si_code {
+                libc::CLD_EXITED => ExitStatus::Code(status),
+                _ => ExitStatus::Signal(status),
+            });
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
 }
 
 /// Reaps the process, a child of ours, if it has exited.

@@ -1699,22 +1699,7 @@ pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
 
 /// Waits for a child of ours that is about to exit, and reaps it.
 fn reap_blocking(pidfd: &OwnedFd) {
-    // SAFETY: siginfo_t is plain data that waitid fills.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: waitid on a pidfd we own, into a live siginfo_t.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED,
-            )
-        };
-        if r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return;
-        }
-    }
+    let _ = crate::monitor::wait_blocking(pidfd.as_fd());
 }
 
 /// One of each kind of namespace at most.

@@ -5,16 +5,17 @@
 
 mod common;
 
-use common::daemon::{Daemon, Endpoint, silo_serve, with_daemon};
+use common::daemon::{Daemon, Endpoint, silo_serve, with, with_daemon};
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -908,7 +909,7 @@ async fn tcp_needs_a_token_beyond_loopback_and_checks_it() {
         Some("s3cret-token".into()),
     )
     .await;
-    let result = std::panic::AssertUnwindSafe(async {
+    with(Arc::new(d), |d| async move {
         assert_eq!(d.call(Method::GET, "/v1/containers", None).await.0, 200);
         for auth in [
             "",
@@ -933,15 +934,7 @@ async fn tcp_needs_a_token_beyond_loopback_and_checks_it() {
         let (status, _) = d.fetch("web", 8080, "/").await;
         assert_eq!(status, 200);
     })
-    .catch_unwind()
     .await;
-    if result.is_err() {
-        eprintln!("daemon log:\n{}", d.log());
-    }
-    d.teardown().await;
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The OCI lifecycle commands: create, start, kill, delete, run, pause and resume.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
@@ -562,30 +562,7 @@ pub(super) fn wait_exit(pidfd: BorrowedFd<'_>, limit: Duration) {
 /// Reaps our child behind `pidfd`, waiting for it, and returns its exit code (128+n after
 /// signal n; 255 if it could not be reaped).
 pub(super) fn reap(pidfd: BorrowedFd<'_>) -> i32 {
-    // SAFETY: siginfo_t is plain data that waitid fills.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: waitid on a pidfd we hold, into a live siginfo_t.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PIDFD,
-                pidfd.as_raw_fd() as libc::id_t,
-                &mut info,
-                libc::WEXITED,
-            )
-        };
-        if r == 0 {
-            // SAFETY: waitid succeeded, so si_status is set.
-            let status = unsafe { info.si_status() };
-            return match info.si_code {
-                libc::CLD_EXITED => status,
-                _ => 128 + status,
-            };
-        }
-        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return crate::monitor::UNKNOWN_CODE;
-        }
-    }
+    crate::monitor::wait_blocking(pidfd).map_or(crate::monitor::UNKNOWN_CODE, |s| s.code())
 }
 
 #[cfg(test)]

@@ -365,7 +365,15 @@ where
     F: FnOnce(Arc<Daemon>) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let d = Arc::new(Daemon::start(name).await);
+    with(Arc::new(Daemon::start(name).await), body).await
+}
+
+/// Runs a test body against the daemon `d`, then tears it down, even when the body failed.
+pub async fn with<F, Fut>(d: Arc<Daemon>, body: F)
+where
+    F: FnOnce(Arc<Daemon>) -> Fut,
+    Fut: Future<Output = ()>,
+{
     let result = std::panic::AssertUnwindSafe(body(d.clone()))
         .catch_unwind()
         .await;
