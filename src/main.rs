@@ -1,7 +1,7 @@
 //! The `silo` command line.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -151,6 +151,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// One line per blob on the terminal, rewritten as its bytes arrive.
+fn show_progress(p: silo::image::pull::Progress<'_>) {
+    const MIB: f64 = (1 << 20) as f64;
+    let short = p.digest.strip_prefix("sha256:").unwrap_or(p.digest);
+    let end = if p.done >= p.total { "\n" } else { "" };
+    let _ = write!(
+        std::io::stderr(),
+        "\r{} {:.1} / {:.1} MiB{end}",
+        &short[..short.len().min(12)],
+        p.done as f64 / MIB,
+        p.total as f64 / MIB,
+    );
+}
+
 /// The error and its causes, each once: silo's errors already name their cause in their
 /// message, and anyhow's context does not.
 fn describe(e: &anyhow::Error) -> String {
@@ -180,6 +194,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 let opts = silo::image::pull::PullOptions {
                     insecure,
                     credentials: user.map(|u| (u, password)),
+                    progress: std::io::stderr()
+                        .is_terminal()
+                        .then(|| std::sync::Arc::new(show_progress) as _),
                 };
                 let r = silo::image::pull::pull(&store, &reference, &opts).await?;
                 writeln!(std::io::stdout(), "{} {}", r.name, r.manifest.digest())?;

@@ -773,6 +773,27 @@ fn images_pull_from_a_registry() {
         assert!(!partial.exists());
     }
 
+    // On a terminal (util-linux's script gives it one), the pull shows each blob's bytes
+    // as they arrive; piped, as above, it shows nothing.
+    std::fs::remove_file(&blob).unwrap();
+    let line = format!(
+        "{} --state-dir {} image pull {reference} --insecure",
+        env!("CARGO_BIN_EXE_silo"),
+        state.display()
+    );
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c", &line, "/dev/null"])
+        .output()
+        .expect("run script");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    let short = &layer.digest().digest()[..12];
+    assert!(
+        shown.contains(&format!("{short} ")) && shown.contains(" MiB"),
+        "no progress for {short}: {shown:?}"
+    );
+    assert_eq!(std::fs::read(&blob).unwrap(), data);
+
     // Nothing listens for this one: the error names the reference.
     let out = silo(
         &state,

@@ -59,13 +59,38 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// How to reach the registry.
-#[derive(Debug, Clone, Default)]
+/// How to reach the registry, and whom to tell how far a pull has got.
+#[derive(Clone, Default)]
 pub struct PullOptions {
     /// Plain HTTP to this image's registry instead of HTTPS.
     pub insecure: bool,
     /// Basic credentials (user, password); anonymous (with the registry's tokens) without.
     pub credentials: Option<(String, String)>,
+    /// Called as each blob's bytes arrive (and once for a blob the store already has).
+    pub progress: Option<ProgressFn>,
+}
+
+/// What [`PullOptions::progress`] calls.
+pub type ProgressFn = std::sync::Arc<dyn Fn(Progress<'_>) + Send + Sync>;
+
+impl std::fmt::Debug for PullOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullOptions")
+            .field("insecure", &self.insecure)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(user, _)| user),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// How far the download of one blob has got.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    pub digest: &'a str,
+    pub done: u64,
+    pub total: u64,
 }
 
 const ACCEPTED: [&str; 4] = [
@@ -153,7 +178,7 @@ pub async fn pull(store: &Store, reference: &str, opts: &PullOptions) -> Result<
     let manifest: ImageManifest = store.blobs().json(&manifest_desc, "image manifest")?;
 
     for desc in std::iter::once(manifest.config()).chain(manifest.layers()) {
-        fetch_blob(store, &client, &parsed, reference, desc).await?;
+        fetch_blob(store, &client, &parsed, reference, desc, opts).await?;
     }
     store.tag(reference, &manifest_desc)?;
     info!(image = reference, manifest = %manifest_desc.digest(), "pulled image");
@@ -188,16 +213,28 @@ async fn fetch_blob(
     image: &Reference,
     reference: &str,
     desc: &Descriptor,
+    opts: &PullOptions,
 ) -> Result<()> {
+    let digest = desc.digest().to_string();
+    let report = |done: u64| {
+        if let Some(progress) = &opts.progress {
+            progress(Progress {
+                digest: &digest,
+                done,
+                total: desc.size(),
+            });
+        }
+    };
     if store.blobs().path(desc.digest())?.exists() {
         debug!(digest = %desc.digest(), "blob already in the store");
+        report(desc.size());
         return Ok(());
     }
     let partial = store.partial_path(desc.digest())?;
     let mut tries = 0;
     loop {
         tries += 1;
-        match download(client, image, desc, &partial).await {
+        match download(client, image, desc, &partial, &report).await {
             Ok(()) => break,
             Err(e) if tries < TRIES => {
                 let digest = desc.digest().to_string();
@@ -226,6 +263,7 @@ async fn download(
     image: &Reference,
     desc: &Descriptor,
     partial: &Path,
+    report: &impl Fn(u64),
 ) -> std::io::Result<()> {
     let have = tokio::fs::metadata(partial).await.map_or(0, |m| m.len());
     if have >= desc.size() {
@@ -278,6 +316,7 @@ async fn download(
             ));
         }
         file.write_all(&chunk).await?;
+        report(size);
     }
     file.flush().await
 }
