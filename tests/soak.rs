@@ -51,9 +51,10 @@ async fn a_run_that_ends_by_itself_closes_its_descriptors() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(held(&open_fds()), [lock.display().to_string()]);
-        // Destroyed, it holds nothing.
+        // Destroyed, it holds nothing. (The runtime's own descriptors may have gone
+        // meanwhile; only one that is new would be a leak.)
         c.destroy(None).await.unwrap();
-        assert_eq!(open_fds(), before);
+        assert_eq!(held(&open_fds()), Vec::<String>::new());
     })
     .await;
 }
