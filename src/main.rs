@@ -226,6 +226,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             let id = id.unwrap_or_else(|| format!("run-{}", std::process::id()));
             // The handle checks the id before it names a directory below.
             let runtime = Runtime::new(config)?;
+            // Nobody is left to ask how the runs of `silo run`s that were killed ended: the
+            // runtime found them stopped, and they go.
+            for stale in runtime.containers() {
+                if stale.id().starts_with("run-") && stale.outcome().is_some() {
+                    let _ = stale.destroy(None).await;
+                }
+            }
             let container = runtime.container(&id)?;
             let image = image_bundle(&bundle, &id, &runtime.config().state_dir).await?;
             let bundle = image.as_ref().map_or(bundle, |i| i.0.clone());

@@ -118,3 +118,43 @@ impl Drop for KillOnDrop {
         }
     }
 }
+
+#[test]
+fn a_killed_runs_stopped_container_is_cleared_by_the_next_run() {
+    let state = tempfile::tempdir().unwrap();
+    let mut killed = Command::new(env!("CARGO_BIN_EXE_silo"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("run")
+        .arg(common::bundle())
+        .args(["--", "/bin/sh", "-c", "sleep 0.3; exit 4"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn silo run");
+    let id = format!("run-{}", killed.id());
+    let dir = state.path().join(&id);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dir.join("container.json").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Killed as a crash would: its container runs on, and ends with nobody to tell.
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(dir.exists());
+
+    let out = silo_run(state.path(), &["/bin/true"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        !dir.exists(),
+        "the killed run's container is still recorded"
+    );
+    for controller in ["pids", "memory"] {
+        let cgroup = format!("/sys/fs/cgroup/{controller}/silo/{id}");
+        assert!(!std::path::Path::new(&cgroup).exists(), "{cgroup} is left");
+    }
+}
