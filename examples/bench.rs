@@ -1640,33 +1640,8 @@ fn sustained_row(t: &mut Table, what: &str, peer: std::net::IpAddr, w: &[f64], f
 
 /// Sends `bytes` through an echo connection and reads them back; bytes per second.
 async fn echo_throughput(stream: TcpStream, bytes: usize) -> anyhow::Result<f64> {
-    let t = Instant::now();
-    let (mut rd, mut wr) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let chunk = vec![0x5a_u8; 256 << 10];
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            wr.write_all(&chunk[..n]).await?;
-            left -= n;
-        }
-        wr.shutdown().await?;
-        std::io::Result::Ok(())
-    });
-    let mut buf = vec![0_u8; 256 << 10];
-    let mut got = 0;
-    loop {
-        let n = rd.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        got += n;
-    }
-    writer.await??;
-    if got != bytes {
-        bail!("echoed {got} bytes of {bytes}");
-    }
-    Ok(bytes as f64 / t.elapsed().as_secs_f64())
+    let (rd, wr) = stream.into_split();
+    throughput(rd, wr, bytes).await
 }
 
 /// Opens a raw tunnel to the echo port through the daemon (`Upgrade: tcp`).
@@ -1687,8 +1662,17 @@ async fn daemon_tunnel(socket: &Path, id: &str) -> anyhow::Result<hyper::upgrade
 
 /// The same as [`echo_throughput`] over a daemon tunnel.
 async fn tunnel_throughput(up: hyper::upgrade::Upgraded, bytes: usize) -> anyhow::Result<f64> {
+    let (rd, wr) = tokio::io::split(TokioIo::new(up));
+    throughput(rd, wr, bytes).await
+}
+
+/// Writes `bytes` into `wr` while reading the echo back from `rd`; bytes per second.
+async fn throughput<R, W>(mut rd: R, mut wr: W, bytes: usize) -> anyhow::Result<f64>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let t = Instant::now();
-    let (mut rd, mut wr) = tokio::io::split(TokioIo::new(up));
     let writer = tokio::spawn(async move {
         let chunk = vec![0x5a_u8; 256 << 10];
         let mut left = bytes;
@@ -1711,7 +1695,7 @@ async fn tunnel_throughput(up: hyper::upgrade::Upgraded, bytes: usize) -> anyhow
     }
     writer.await??;
     if got != bytes {
-        bail!("echoed {got} bytes of {bytes} through the tunnel");
+        bail!("echoed {got} bytes of {bytes}");
     }
     Ok(bytes as f64 / t.elapsed().as_secs_f64())
 }
